@@ -1,0 +1,117 @@
+"""GeoLoRAConfig: which layers get adapters and how their ranks may move.
+
+Field names follow peft's ``LoraConfig`` where the meaning is the same (``r`` is the initial
+rank, ``lora_alpha``, ``lora_dropout``, ``target_modules``, ``modules_to_save``, ``use_rslora``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+__all__ = ["GeoLoRAConfig"]
+
+TRUNCATION_MODES = ("local", "global")
+BUDGET_UNITS = ("rank", "params")
+
+
+@dataclass
+class GeoLoRAConfig:
+    """Configuration of a GeoLoRA model.
+
+    Args:
+        target_modules: module names to adapt: a list of names matched as suffixes of the full
+            module name (as in peft), one regular expression (full match), or ``"all-linear"``.
+        r: initial rank of every adapter.
+        r_max: largest rank an adapter may reach (also capped at ``min(n, m)`` per layer).
+        r_min: smallest rank an adapter may shrink to (at least 1, so a layer can always grow).
+        tau: relative truncation tolerance ``τ ∈ [0, 1)``: the singular values dropped at each step
+            have joint norm at most ``τ`` times the norm of all of them.
+        truncation: ``"local"`` (τ per layer, the paper's default) or ``"global"`` (one τ over the
+            singular values of all layers).
+        budget: if set, an exact global budget replaces ``τ``: keep the largest singular values
+            network-wide whose total cost fits; ``budget_unit`` says what is counted.
+        budget_unit: ``"rank"`` (each kept value costs 1) or ``"params"`` (``n + m + 1``).
+        lora_alpha: the adapter scale is ``s = lora_alpha / r`` (or ``/ sqrt(r)`` with
+            ``use_rslora``), fixed at injection: later rank changes never rescale the adapter.
+        lora_dropout: dropout on the adapter's input.
+        modules_to_save: modules trained in full (for example a classifier head).
+        exclude_modules: names (suffix match) never adapted, even if ``target_modules`` matches.
+        warmup_steps: no truncation (beyond ``r_max``) during the first steps.
+        freeze_ranks_after: after this many steps, ranks stay fixed (the bases still move).
+    """
+
+    target_modules: list[str] | str | None = None
+    r: int = 8
+    r_max: int = 32
+    r_min: int = 1
+    tau: float = 0.1
+    truncation: Literal["local", "global"] = "local"
+    budget: int | None = None
+    budget_unit: Literal["rank", "params"] = "rank"
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    use_rslora: bool = False
+    modules_to_save: list[str] | None = None
+    exclude_modules: list[str] | None = None
+    warmup_steps: int = 0
+    freeze_ranks_after: int | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.target_modules, (tuple, set)):
+            self.target_modules = sorted(self.target_modules)
+        if self.target_modules is None or (
+            not isinstance(self.target_modules, str) and len(self.target_modules) == 0
+        ):
+            raise ValueError(
+                "GeoLoRAConfig needs target_modules: names such as ['query', 'value'], "
+                "a regex, or 'all-linear'."
+            )
+        for name in ("r", "r_max", "r_min"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+        if self.r > self.r_max:
+            raise ValueError(
+                f"r={self.r} is larger than r_max={self.r_max}: raise r_max or lower r."
+            )
+        if self.r_min > self.r:
+            raise ValueError(f"r_min={self.r_min} is larger than r={self.r}: lower r_min.")
+        if not (isinstance(self.tau, (int, float)) and 0.0 <= self.tau < 1.0):
+            raise ValueError(f"tau must lie in [0, 1), got {self.tau!r}; the paper uses 0.05-0.3.")
+        if self.truncation not in TRUNCATION_MODES:
+            raise ValueError(
+                f"truncation must be one of {TRUNCATION_MODES}, got {self.truncation!r}."
+            )
+        if self.budget_unit not in BUDGET_UNITS:
+            raise ValueError(
+                f"budget_unit must be one of {BUDGET_UNITS}, got {self.budget_unit!r}."
+            )
+        if self.budget is not None and (not isinstance(self.budget, int) or self.budget < 1):
+            raise ValueError(f"budget must be a positive integer or None, got {self.budget!r}.")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"lora_dropout must lie in [0, 1), got {self.lora_dropout!r}.")
+        if self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps!r}.")
+        if self.freeze_ranks_after is not None and self.freeze_ranks_after < self.warmup_steps:
+            raise ValueError("freeze_ranks_after must not come before warmup_steps ends.")
+
+    @property
+    def scale(self) -> float:
+        """The fixed adapter scale ``s``."""
+        denominator = math.sqrt(self.r) if self.use_rslora else self.r
+        return self.lora_alpha / denominator
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> GeoLoRAConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"Unknown GeoLoRAConfig keys {unknown}; known keys: {sorted(known)}.")
+        return cls(**data)

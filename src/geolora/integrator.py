@@ -1,0 +1,114 @@
+"""The geometric step of GeoLoRA as pure tensor functions (spec §2).
+
+All functions accept leading batch dimensions (``...``), so layers that share a shape can be
+stepped together. Notation for one adapter ``W = W0 + s·U S Vᵀ`` (``U``: n×r, ``V``: m×r):
+
+* ``D_K``, ``D_L``, ``D_S``: update directions of ``K = U S``, ``L = V Sᵀ`` and ``S`` (the
+  gradients for plain SGD, a preconditioned direction otherwise).
+* Basis augmentation: ``[U | D_K] = Q R`` (Householder QR). Then ``U = Q₁ R₁₁`` exactly and the
+  part of ``D_K`` outside span(U) is ``Q₂ R₂₂``. The augmented basis is ``Û = [Q₁ | Q₂]``: it spans
+  ``[U | Ũ]`` of the paper, is orthonormal to machine precision whatever the rounding in ``U``, and
+  costs nothing beyond the QR itself.
+* Augmented coefficients in the bases ``(Û, V̂)``:
+
+      Ŝ = [ R₁₁ᵘ S₁ R₁₁ᵛᵀ      −λ R₁₁ᵘ R₂₂ᴸᵀ ]      S₁ = (1 − λ·wd) S − λ D_S
+          [ −λ R₂₂ᴷ R₁₁ᵛᵀ       0             ]
+
+  which is the paper's ``[[S₁, L₁ᵀṼ], [ŨᵀK₁, 0]]`` written in the re-orthonormalised basis, so
+  that ``Û Ŝ V̂ᵀ = U S₁ Vᵀ − λ (I − UUᵀ) D_K Vᵀ − λ U D_Lᵀ (I − VVᵀ)``. With SGD directions this
+  is the tangent-space step ``U S Vᵀ − λ P(G)``, ``P(G) = UUᵀG + GVVᵀ − UUᵀGVVᵀ``.
+* Truncation: ``Ŝ = P Σ Qᵀ``; keep ``r₁`` singular triplets (chosen by :mod:`geolora.ranks`):
+  ``U ← Û P[:, :r₁]``, ``V ← V̂ Q[:, :r₁]``, ``S ← diag(σ₁..σ_{r₁})``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "AugmentedBasis",
+    "augment_basis",
+    "augmented_coefficients",
+    "coordinate_change",
+    "truncate",
+]
+
+
+@dataclass
+class AugmentedBasis:
+    """Result of :func:`augment_basis` for one side (U or V).
+
+    ``basis = [Q₁ | Q₂]`` (…, n, r + k) orthonormal; ``r11`` (…, r, r) with ``old = Q₁ r11``;
+    ``r22`` (…, k, r) with ``(I − old oldᵀ) D = Q₂ r22``.
+    """
+
+    basis: Tensor
+    r11: Tensor
+    r22: Tensor
+
+
+def augment_basis(old: Tensor, direction: Tensor, n_new: int) -> AugmentedBasis:
+    """Augment an orthonormal basis ``old`` (…, n, r) by at most ``n_new`` directions of
+    ``direction`` (…, n, r) that lie outside its span: ``[old | D] = Q R``.
+
+    ``n_new`` is capped at ``n − r``. When fewer new directions are allowed than ``D`` has
+    (``n_new < r``, the ``r_max`` cap), the kept ones are the ``n_new`` leading left singular
+    vectors of the projected direction ``(I − old oldᵀ) D``: the subspace that carries most of
+    the update outside span(old).
+    """
+    r = old.shape[-1]
+    n = old.shape[-2]
+    k_full = min(r, n - r)
+    n_new = max(0, min(n_new, k_full))
+    q, rr = torch.linalg.qr(torch.cat([old, direction], dim=-1), mode="reduced")
+    r11 = rr[..., :r, :r]
+    q2 = q[..., :, r : r + k_full]
+    r22 = rr[..., r : r + k_full, r:]
+    if n_new < k_full:
+        lead, _, _ = torch.linalg.svd(r22, full_matrices=False)
+        lead = lead[..., :, :n_new]
+        q2 = q2 @ lead
+        r22 = lead.transpose(-1, -2) @ r22
+    return AugmentedBasis(torch.cat([q[..., :, :r], q2], dim=-1), r11, r22)
+
+
+def augmented_coefficients(
+    s1: Tensor, u_aug: AugmentedBasis, v_aug: AugmentedBasis, lr: float | Tensor
+) -> Tensor:
+    """Assemble ``Ŝ`` (…, r + kᵤ, r + kᵥ) from the updated coefficients ``s1`` (…, r, r) and the
+    two augmentations of ``[U | D_K]`` and ``[V | D_L]`` (see the module docstring)."""
+    top_left = u_aug.r11 @ s1 @ v_aug.r11.transpose(-1, -2)
+    top_right = -lr * (u_aug.r11 @ v_aug.r22.transpose(-1, -2))
+    bottom_left = -lr * (u_aug.r22 @ v_aug.r11.transpose(-1, -2))
+    ku, kv = u_aug.r22.shape[-2], v_aug.r22.shape[-2]
+    zeros = s1.new_zeros(*s1.shape[:-2], ku, kv)
+    top = torch.cat([top_left, top_right], dim=-1)
+    bottom = torch.cat([bottom_left, zeros], dim=-1)
+    return torch.cat([top, bottom], dim=-2)
+
+
+def truncate(
+    u_basis: Tensor, v_basis: Tensor, p: Tensor, sigma: Tensor, qh: Tensor, rank: int
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Truncate ``Û Ŝ V̂ᵀ`` to ``rank`` given the SVD ``Ŝ = P diag(σ) Qᵀ`` (``qh = Qᵀ``).
+
+    Returns ``(U, σ, V, P₁, Q₁)`` with ``U = Û P₁``, ``V = V̂ Q₁``, ``P₁ = P[:, :rank]``,
+    ``Q₁ = Q[:, :rank]`` and ``σ`` the kept singular values; ``P₁``, ``Q₁`` serve to transport
+    optimizer state (:func:`coordinate_change`)."""
+    p1 = p[..., :, :rank]
+    q1 = qh[..., :rank, :].transpose(-1, -2)
+    return u_basis @ p1, sigma[..., :rank], v_basis @ q1, p1, q1
+
+
+def coordinate_change(r11: Tensor, kept: Tensor) -> Tensor:
+    """Map coefficients in the old basis to the new one: ``C = keptᵀ [r11; 0]`` (…, r₁, r).
+
+    A vector ``c`` in old-basis coordinates is the ambient vector ``old c = Û [r11 c; 0]``; its
+    orthogonal projection onto the new basis ``Û kept`` has coordinates ``C c``. New directions
+    (rows of ``C`` with small norm) receive nothing: optimizer state starts from zero there.
+    """
+    r = r11.shape[-1]
+    return kept[..., :r, :].transpose(-1, -2) @ r11
