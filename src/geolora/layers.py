@@ -62,6 +62,7 @@ class GeoLoRALayer(nn.Module):
         self.register_buffer("rank", torch.tensor(r, dtype=torch.long))
         self._rank = r
         self.disabled = False
+        self.merged = False  # delta added into base_layer.weight (geolora.merge)
         with torch.no_grad():
             self.U[:, :r] = random_orthonormal(out_features, r).to(**kw)
             self.V[:, :r] = random_orthonormal(in_features, r).to(**kw)
@@ -113,7 +114,7 @@ class GeoLoRALayer(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         result = self.base_layer(x)
-        if self.disabled:
+        if self.disabled or self.merged:
             return result
         return result + self.adapter_output(x).to(result.dtype)
 

@@ -13,6 +13,7 @@ same ``step()``, so learning-rate schedulers, gradient clipping and accumulation
 
 from __future__ import annotations
 
+import warnings
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -98,6 +99,13 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
         ]
         if others:
             groups.append(dict(params=others, geolora=False, lr=other_lr or lr))
+            if base_rule == "sgd" and other_lr is None and lr > 1e-2:
+                warnings.warn(
+                    f"base_rule='sgd' with lr={lr}: the other trainable parameters "
+                    f"({len(others)} tensors, e.g. a classifier head) get AdamW at the same lr, "
+                    "which is likely far too large for AdamW. Pass other_lr (e.g. 1e-3).",
+                    stacklevel=2,
+                )
         super().__init__(groups, defaults)
         self._names = {id(p): n for n, p in model.named_parameters()}
 

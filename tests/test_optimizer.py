@@ -1,0 +1,270 @@
+"""GeoLoRAOptimizer: rank growth and shrinkage, orthonormality, training, torch integration."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from geolora import GeoLoRAConfig, GeoLoRAOptimizer, get_geolora_model, rank_report
+
+
+def _regression(rank_change, r0, r_max=48, tau=0.01, dtype=torch.float64, seed=0, **cfg):
+    """A 64×48 layer whose target weight is the base weight plus a rank-k change."""
+    gen = torch.Generator().manual_seed(seed)
+    layer = nn.Linear(48, 64, bias=False).to(dtype)
+    change = torch.randn(64, rank_change, generator=gen, dtype=dtype)
+    change = change @ torch.randn(rank_change, 48, generator=gen, dtype=dtype) / 8
+    target = layer.weight.detach() + change
+    net = nn.Sequential(layer)
+    config = GeoLoRAConfig(target_modules=["0"], r=r0, r_max=r_max, tau=tau, lora_alpha=r0, **cfg)
+    get_geolora_model(net, config)
+    return net, target, change, gen
+
+
+def _regression_step(net, target, opt, gen, batch=32):
+    x = torch.randn(batch, 48, generator=gen, dtype=target.dtype)
+    loss = 0.5 * ((net(x) - x @ target.T) ** 2).sum(-1).mean()
+    loss.backward()
+    opt.step()
+    opt.zero_grad()
+    return loss.item()
+
+
+def _relative_error(net, change):
+    return float((net[0].delta_weight().detach() - change).norm() / change.norm())
+
+
+def test_rank_grows_from_one_to_the_needed_rank():
+    net, target, change, gen = _regression(16, r0=1)
+    opt = GeoLoRAOptimizer(net, lr=0.5, base_rule="sgd")
+    ranks = []
+    for _ in range(8):
+        _regression_step(net, target, opt, gen)
+        ranks.append(net[0].current_rank)
+    assert ranks[:3] == [2, 4, 8]  # doubling
+    assert ranks[-1] >= 16
+    for _ in range(192):
+        _regression_step(net, target, opt, gen)
+    assert _relative_error(net, change) <= 1e-8
+
+
+def test_rank_shrinks_to_the_needed_rank():
+    net, target, change, gen = _regression(4, r0=16)
+    opt = GeoLoRAOptimizer(net, lr=0.5, base_rule="sgd")
+    for _ in range(200):
+        _regression_step(net, target, opt, gen)
+    assert net[0].current_rank == 4
+    assert _relative_error(net, change) <= 1e-8
+    assert rank_report(net)["adapter_params"] == 4 * (64 + 48) + 4
+
+
+def test_small_step_with_large_tau_stalls_growth():
+    """The known property of spec §2: a relative τ can stall growth below the needed rank."""
+    net, target, change, gen = _regression(16, r0=1, tau=0.05)
+    opt = GeoLoRAOptimizer(net, lr=0.2, base_rule="sgd")
+    for _ in range(100):
+        _regression_step(net, target, opt, gen)
+    assert net[0].current_rank < 16 and _relative_error(net, change) > 0.05
+
+
+def test_growth_up_to_full_rank():
+    net, target, change, gen = _regression(48, r0=8, tau=0.0)
+    opt = GeoLoRAOptimizer(net, lr=0.5, base_rule="sgd")
+    for _ in range(6):
+        _regression_step(net, target, opt, gen)
+    assert net[0].current_rank == 48 == net[0].r_max
+
+
+def test_bases_stay_orthonormal_float32():
+    net, target, _, gen = _regression(8, r0=4, dtype=torch.float32, tau=0.05)
+    opt = GeoLoRAOptimizer(net, lr=1e-2, base_rule="adam")
+    for _ in range(500):
+        _regression_step(net, target, opt, gen)
+    u, s, v = (t.detach() for t in net[0].active_factors())
+    eye = torch.eye(u.shape[1])
+    assert (u.T @ u - eye).norm() <= 1e-5
+    assert (v.T @ v - eye).norm() <= 1e-5
+    assert torch.equal(s, torch.diag(torch.diagonal(s)))  # diagonal after every step
+    assert bool((torch.diagonal(s)[:-1] >= torch.diagonal(s)[1:]).all())  # sorted singular values
+
+
+def _bert_batch(gen, batch=8, length=10):
+    ids = torch.randint(0, 64, (batch, length), generator=gen)
+    labels = (ids[:, 0] % 2).long()  # a learnable rule
+    return ids, labels
+
+
+@pytest.mark.parametrize(
+    "base_rule, lr, other_lr, factor", [("adam", 1e-2, 1e-2, 0.7), ("sgd", 5e-3, 1e-3, 0.95)]
+)
+def test_both_base_rules_train_tiny_bert(tiny_bert, base_rule, lr, other_lr, factor):
+    cfg = GeoLoRAConfig(
+        target_modules=["query", "value", "dense"],
+        r=2,
+        r_max=8,
+        tau=0.1,
+        modules_to_save=["classifier"],
+    )
+    model = get_geolora_model(tiny_bert, cfg).train()
+    opt = GeoLoRAOptimizer(model, lr=lr, base_rule=base_rule, other_lr=other_lr)
+    gen = torch.Generator().manual_seed(1)
+    ids, labels = _bert_batch(gen, batch=32)
+    losses = []
+    for _ in range(30):
+        loss = model(input_ids=ids, labels=labels).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert losses[-1] < factor * losses[0]
+    report = rank_report(model)
+    assert report["total_rank"] != 2 * len(report["ranks"])  # ranks moved
+
+
+def _snapshot(model, opt):
+    return copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
+
+
+def test_nan_gradient_refused_and_nothing_changes(tiny_bert):
+    model = get_geolora_model(
+        tiny_bert, GeoLoRAConfig(target_modules=["query"], modules_to_save=["classifier"])
+    )
+    opt = GeoLoRAOptimizer(model, lr=1e-2)
+    ids, labels = _bert_batch(torch.Generator().manual_seed(0))
+    model(input_ids=ids, labels=labels).loss.backward()
+    opt.step()
+    opt.zero_grad()
+    model(input_ids=ids, labels=labels).loss.backward()
+    layer = model.bert.encoder.layer[0].attention.self.query
+    layer.U.grad[0, 0] = float("nan")
+    before_model, before_opt = _snapshot(model, opt)
+    with pytest.raises(FloatingPointError, match=r"query\.U.*step refused"):
+        opt.step()
+    after_model, after_opt = _snapshot(model, opt)
+    for key, value in before_model.items():
+        assert torch.equal(value, after_model[key]), key
+    assert str(before_opt) == str(after_opt)
+
+
+def test_gradient_accumulation_equals_full_batch():
+    def run(micro):
+        torch.manual_seed(0)
+        net, target, _, _ = _regression(6, r0=2, seed=3)
+        opt = GeoLoRAOptimizer(net, lr=0.3, base_rule="sgd")
+        gen = torch.Generator().manual_seed(7)
+        for _ in range(5):
+            x = torch.randn(32, 48, generator=gen, dtype=torch.float64)
+            for chunk in x.chunk(micro):
+                loss = 0.5 * ((net(chunk) - chunk @ target.T) ** 2).sum(-1).mean() / micro
+                loss.backward()
+            opt.step()
+            opt.zero_grad()
+        return net[0].delta_weight().detach()
+
+    assert torch.allclose(run(1), run(4), atol=1e-10)
+
+
+def test_scheduler_and_clipping():
+    net, target, _, gen = _regression(4, r0=2, dtype=torch.float32)
+    opt = GeoLoRAOptimizer(net, lr=0.1, base_rule="sgd")
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.0 if step >= 1 else 1.0)
+    x = torch.randn(32, 48, generator=gen)
+    ((net(x) - x @ target.T) ** 2).mean().backward()
+    torch.nn.utils.clip_grad_norm_(net.parameters(), 1e-3)
+    assert (
+        float(
+            torch.cat([p.grad.reshape(-1) for p in net.parameters() if p.grad is not None]).norm()
+        )
+        <= 1e-3 + 1e-9
+    )
+    opt.step()
+    opt.zero_grad()
+    sched.step()
+    assert opt.param_groups[0]["lr"] == 0.0
+    frozen = net[0].delta_weight().detach().clone()
+    _regression_step(net, target, opt, gen)
+    assert torch.allclose(net[0].delta_weight().detach(), frozen, atol=1e-6)  # lr 0: no move
+
+
+@pytest.mark.parametrize("base_rule", ["adam", "sgd"])
+def test_state_dict_round_trip_while_ranks_change(base_rule):
+    def fresh():
+        net, target, _, _ = _regression(8, r0=1, dtype=torch.float64, seed=5)
+        return (
+            net,
+            target,
+            GeoLoRAOptimizer(
+                net, lr=0.05 if base_rule == "adam" else 0.3, base_rule=base_rule, momentum=0.5
+            ),
+        )
+
+    net, target, opt = fresh()
+    gen = torch.Generator().manual_seed(11)
+    for _ in range(4):
+        _regression_step(net, target, opt, gen)
+    saved_model, saved_opt = _snapshot(net, opt)
+    gen_state = gen.get_state()
+    for _ in range(6):
+        _regression_step(net, target, opt, gen)
+    net2, _, opt2 = fresh()
+    net2.load_state_dict(saved_model)
+    opt2.load_state_dict(saved_opt)
+    gen.set_state(gen_state)
+    ranks = []
+    for _ in range(6):
+        _regression_step(net2, target, opt2, gen)
+        ranks.append(net2[0].current_rank)
+    assert len(set(ranks)) > 1 or ranks[0] != 1  # ranks did change during the resumed run
+    assert torch.allclose(net2[0].delta_weight(), net[0].delta_weight(), atol=1e-10)
+
+
+def test_optimizer_state_of_other_ranks_refused():
+    net, target, _, gen = _regression(8, r0=1)
+    opt = GeoLoRAOptimizer(net, lr=0.5, base_rule="sgd", momentum=0.5)
+    _regression_step(net, target, opt, gen)
+    state = opt.state_dict()
+    net2, _, _, _ = _regression(8, r0=1)
+    with pytest.raises(ValueError, match="saved at rank 2.*load the model checkpoint"):
+        GeoLoRAOptimizer(net2, lr=0.5, base_rule="sgd", momentum=0.5).load_state_dict(state)
+
+
+def test_global_budget_and_warmup_and_freeze():
+    net = nn.Sequential(nn.Linear(20, 30), nn.Tanh(), nn.Linear(30, 10))
+    cfg = GeoLoRAConfig(
+        target_modules=["0", "2"], r=2, r_max=8, budget=6, warmup_steps=2, freeze_ranks_after=5
+    )
+    get_geolora_model(net, cfg)
+    opt = GeoLoRAOptimizer(net, lr=0.05)
+    gen = torch.Generator().manual_seed(0)
+    totals = []
+    for _ in range(8):
+        x = torch.randn(16, 20, generator=gen)
+        net(x).pow(2).mean().neg().backward()
+        opt.step()
+        opt.zero_grad()
+        totals.append(rank_report(net)["ranks"])
+    assert sum(totals[0].values()) == 8  # warm-up: no truncation, 2 → 4 per layer
+    assert all(sum(r.values()) <= 6 for r in totals[2:])  # then the budget holds
+    assert totals[5] == totals[6] == totals[7]  # frozen
+
+
+def test_bad_optimizer_arguments(tiny_bert):
+    with pytest.raises(ValueError, match="get_geolora_model"):
+        GeoLoRAOptimizer(tiny_bert)
+    model = get_geolora_model(tiny_bert, GeoLoRAConfig(target_modules=["query"]))
+    with pytest.raises(ValueError, match="base_rule"):
+        GeoLoRAOptimizer(model, base_rule="lion")
+    with pytest.raises(ValueError, match="lr > 0"):
+        GeoLoRAOptimizer(model, lr=-1.0)
+
+
+def test_sgd_with_large_lr_warns_about_adamw_on_the_head(tiny_bert):
+    model = get_geolora_model(
+        tiny_bert, GeoLoRAConfig(target_modules=["query"], modules_to_save=["classifier"])
+    )
+    with pytest.warns(UserWarning, match="Pass other_lr"):
+        GeoLoRAOptimizer(model, lr=0.5, base_rule="sgd")
