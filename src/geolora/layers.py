@@ -18,13 +18,25 @@ from torch import Tensor, nn
 
 from .autograd import ConvGeometry, adapter_delta
 
-__all__ = ["GeoLoRALayer", "GeoLoRALinear", "GeoLoRAConv1D", "GeoLoRAConv2d", "wrap_layer"]
+__all__ = [
+    "is_factor",
+    "GeoLoRALayer",
+    "GeoLoRALinear",
+    "GeoLoRAConv1D",
+    "GeoLoRAConv2d",
+    "wrap_layer",
+]
 
 
 def random_orthonormal(n: int, r: int, generator: torch.Generator | None = None) -> Tensor:
     """``n × r`` matrix with orthonormal columns: the Q of a Gaussian matrix's QR."""
     gaussian = torch.randn(n, r, generator=generator, dtype=torch.float64)
     return torch.linalg.qr(gaussian).Q
+
+
+def is_factor(param: Tensor) -> bool:
+    """Whether ``param`` is a GeoLoRA factor (U, S or V), which only GeoLoRAOptimizer may step."""
+    return getattr(param, "_geolora_factor", False)
 
 
 class GeoLoRALayer(nn.Module):
@@ -59,6 +71,8 @@ class GeoLoRALayer(nn.Module):
         self.U = nn.Parameter(torch.zeros(out_features, self.r_max, **kw))
         self.S = nn.Parameter(torch.zeros(self.r_max, self.r_max, **kw))
         self.V = nn.Parameter(torch.zeros(in_features, self.r_max, **kw))
+        for factor in (self.U, self.S, self.V):
+            factor._geolora_factor = True  # see is_factor()
         self.register_buffer("rank", torch.tensor(r, dtype=torch.long))
         self._rank = r
         self.disabled = False

@@ -9,9 +9,15 @@ from typing import Any
 from torch import nn
 
 from .config import GeoLoRAConfig
-from .layers import GeoLoRALayer, wrap_layer
+from .layers import GeoLoRALayer, is_factor, wrap_layer
 
-__all__ = ["geolora_layers", "get_geolora_model", "rank_report", "trainable_parameter_count"]
+__all__ = [
+    "adapter_param_count",
+    "geolora_layers",
+    "get_geolora_model",
+    "rank_report",
+    "trainable_parameter_count",
+]
 
 
 def _matches(name: str, key: str) -> bool:
@@ -119,7 +125,7 @@ def geolora_layers(model: nn.Module) -> dict[str, GeoLoRALayer]:
     return {name: m for name, m in model.named_modules() if isinstance(m, GeoLoRALayer)}
 
 
-def _adapter_params(layer: GeoLoRALayer) -> int:
+def adapter_param_count(layer: GeoLoRALayer) -> int:
     """``r (n + m) + r``: parameters of a rank-r adapter with diagonal ``S`` (spec §5)."""
     r = layer.current_rank
     return r * (layer.out_features + layer.in_features) + r
@@ -128,11 +134,8 @@ def _adapter_params(layer: GeoLoRALayer) -> int:
 def trainable_parameter_count(model: nn.Module) -> int:
     """Adapters counted at their current rank, plus every other trainable parameter."""
     layers = geolora_layers(model).values()
-    factor_ids = {id(p) for layer in layers for p in (layer.U, layer.S, layer.V)}
-    others = sum(
-        p.numel() for p in model.parameters() if p.requires_grad and id(p) not in factor_ids
-    )
-    return others + sum(_adapter_params(layer) for layer in layers)
+    others = sum(p.numel() for p in model.parameters() if p.requires_grad and not is_factor(p))
+    return others + sum(adapter_param_count(layer) for layer in layers)
 
 
 def rank_report(model: nn.Module) -> dict[str, Any]:
@@ -147,9 +150,7 @@ def rank_report(model: nn.Module) -> dict[str, Any]:
         "ranks": {name: layer.current_rank for name, layer in layers.items()},
         "r_max": {name: layer.r_max for name, layer in layers.items()},
         "total_rank": sum(layer.current_rank for layer in layers.values()),
-        "adapter_params": sum(_adapter_params(layer) for layer in layers.values()),
+        "adapter_params": sum(adapter_param_count(layer) for layer in layers.values()),
         "trainable_params": trainable_parameter_count(model),
-        "total_params": sum(
-            p.numel() for n, p in model.named_parameters() if not n.endswith((".U", ".S", ".V"))
-        ),
+        "total_params": sum(p.numel() for p in model.parameters() if not is_factor(p)),
     }

@@ -14,6 +14,7 @@ same ``step()``, so learning-rate schedulers, gradient clipping and accumulation
 from __future__ import annotations
 
 import warnings
+import weakref
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,10 +22,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 from torch.optim.adamw import adamw
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from . import base_rules, integrator, ranks
 from .config import GeoLoRAConfig
-from .layers import GeoLoRALayer
+from .layers import GeoLoRALayer, is_factor
 from .model import geolora_layers
 
 __all__ = ["GeoLoRAOptimizer"]
@@ -41,6 +43,32 @@ class _Pending:
     p: Tensor | None = None
     sigma: Tensor | None = None
     qh: Tensor | None = None
+
+
+_checked_optimizers: weakref.WeakSet = weakref.WeakSet()
+
+
+def _warn_plain_optimizer(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
+    """Global step pre-hook: an ordinary optimizer about to step GeoLoRA factors would destroy
+    the bases (``U.grad`` holds ``G_K = G V``, not the gradient of ``U``). Checked once per
+    optimizer, so the hook costs one set lookup per step afterwards."""
+    if optimizer in _checked_optimizers:
+        return
+    _checked_optimizers.add(optimizer)
+    if isinstance(optimizer, GeoLoRAOptimizer):
+        return
+    n_factors = sum(is_factor(p) for g in optimizer.param_groups for p in g["params"])
+    if n_factors:
+        warnings.warn(
+            f"{type(optimizer).__name__} is stepping {n_factors} GeoLoRA factor tensors (U, S, V). "
+            "Their .grad fields are not plain gradients, and an ordinary optimizer step corrupts "
+            "the adapters. Use GeoLoRAOptimizer(model, ...) for GeoLoRA models.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+
+register_optimizer_step_pre_hook(_warn_plain_optimizer)
 
 
 def _find_config(model: nn.Module) -> GeoLoRAConfig:
@@ -91,8 +119,7 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
         if not self._layers:
             raise ValueError("No GeoLoRA layers found in the model.")
         factors = [p for layer in self._layers.values() for p in (layer.U, layer.S, layer.V)]
-        factor_ids = {id(p) for p in factors}
-        others = [p for p in model.parameters() if p.requires_grad and id(p) not in factor_ids]
+        others = [p for p in model.parameters() if p.requires_grad and not is_factor(p)]
         defaults = dict(lr=lr, weight_decay=weight_decay, betas=betas, eps=eps)
         groups = [
             dict(params=factors, geolora=True, base_rule=base_rule, momentum=momentum, steps=0)
