@@ -175,3 +175,16 @@ def test_config_round_trip():
     assert GeoLoRAConfig.from_dict(cfg.to_dict()) == cfg
     with pytest.raises(ValueError, match="Unknown GeoLoRAConfig keys"):
         GeoLoRAConfig.from_dict({**cfg.to_dict(), "rank": 3})
+
+
+def test_modules_inside_a_saved_module_get_no_adapter():
+    net = nn.Sequential()
+    net.add_module("body", nn.Linear(6, 6))
+    head = nn.Sequential()
+    head.add_module("classifier", nn.Sequential(nn.Linear(6, 6), nn.Linear(6, 2)))
+    net.add_module("head", head)
+    cfg = GeoLoRAConfig(target_modules="all-linear", r=2, modules_to_save=["classifier"])
+    get_geolora_model(net, cfg)
+    assert isinstance(net.body, GeoLoRALinear)
+    assert not any(isinstance(m, GeoLoRALinear) for m in net.head.modules())
+    assert all(p.requires_grad for p in net.head.parameters())

@@ -115,6 +115,18 @@ class GeoLoRALayer(nn.Module):
         u, s, v = self.active_factors()
         return self.scale * (u @ s @ v.t())
 
+    def _apply(self, fn, recurse=True):
+        """``model.to(torch.bfloat16)`` / ``model.half()`` cast the base layer but keep the factors
+        in their float32/float64 values (moved to the new device): QR and SVD need them, as at
+        injection."""
+        before = {name: getattr(self, name).data for name in ("U", "S", "V")}
+        super()._apply(fn, recurse)
+        for name, old in before.items():
+            param = getattr(self, name)
+            if param.dtype not in (torch.float32, torch.float64):
+                param.data = old.to(device=param.device)
+        return self
+
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self._rank = int(self.rank)

@@ -13,6 +13,7 @@ from .layers import GeoLoRALayer, is_factor, wrap_layer
 
 __all__ = [
     "adapter_param_count",
+    "name_matches",
     "geolora_layers",
     "get_geolora_model",
     "rank_report",
@@ -20,8 +21,9 @@ __all__ = [
 ]
 
 
-def _matches(name: str, key: str) -> bool:
-    """peft's suffix rule: ``key`` equals the full name or its trailing dotted components."""
+def name_matches(name: str, key: str) -> bool:
+    """Whether module ``name`` is selected by ``key`` under peft's suffix rule: ``key`` equals
+    the full name or its trailing dotted components."""
     return name == key or name.endswith("." + key)
 
 
@@ -50,9 +52,10 @@ def find_target_names(model: nn.Module, config: GeoLoRAConfig) -> list[str]:
     excluded = config.exclude_modules or []
 
     def kept(name: str) -> bool:
-        return not any(
-            _matches(name, key) or name.startswith(key + ".") for key in saved
-        ) and not any(_matches(name, key) for key in excluded)
+        parts = name.split(".")
+        ancestors = [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
+        inside_saved = any(name_matches(a, key) for a in ancestors for key in saved)
+        return not inside_saved and not any(name_matches(name, key) for key in excluded)
 
     targets = config.target_modules
     if targets == "all-linear":
@@ -71,14 +74,14 @@ def find_target_names(model: nn.Module, config: GeoLoRAConfig) -> list[str]:
                 f"name such as {names[min(len(names) - 1, 3)]!r})."
             )
         return chosen
-    missing = [key for key in targets if not any(_matches(n, key) for n in names)]
+    missing = [key for key in targets if not any(name_matches(n, key) for n in names)]
     if missing:
         hints = "; ".join(
             f"{key!r}: did you mean {_close_names(key, names) or 'nothing close'}?"
             for key in missing
         )
         raise ValueError(f"target_modules {missing} match no module of this model. {hints}")
-    return [n for n in names if any(_matches(n, key) for key in targets) and kept(n)]
+    return [n for n in names if any(name_matches(n, key) for key in targets) and kept(n)]
 
 
 def get_geolora_model(model: nn.Module, config: GeoLoRAConfig) -> nn.Module:
@@ -107,7 +110,7 @@ def get_geolora_model(model: nn.Module, config: GeoLoRAConfig) -> nn.Module:
         )
         setattr(parent, child, layer)
     for key in config.modules_to_save or []:
-        found = [m for n, m in model.named_modules() if n and _matches(n, key)]
+        found = [m for n, m in model.named_modules() if n and name_matches(n, key)]
         if not found:
             names = [n for n, _ in model.named_modules() if n]
             raise ValueError(
