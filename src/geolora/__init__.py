@@ -5,22 +5,69 @@ factors with a geometric integrator: one backward pass per step, then a QR basis
 small SVD truncation that let each layer's rank grow or shrink by itself.
 """
 
+from typing import Any
+
+from .checkpoint import load_training_checkpoint, save_training_checkpoint
 from .config import GeoLoRAConfig
+from .io import AdapterError, load_adapter, save_adapter
 from .layers import GeoLoRAConv1D, GeoLoRAConv2d, GeoLoRALayer, GeoLoRALinear
+from .merge import disable_adapter, merge_adapter, merge_and_unload, unmerge_adapter
 from .model import geolora_layers, get_geolora_model, rank_report
 from .optimizer import GeoLoRAOptimizer
+from .peft_interop import export_peft_lora, geolora_from_peft
+from .reports import (
+    RankHistory,
+    format_rank_table,
+    plot_rank_heatmap,
+    plot_rank_history,
+    write_rank_report,
+)
 
 __version__ = "0.1.0"
 
+# The transformers Trainer integration needs transformers (the ``hf`` extra): imported on use.
+_TRAINER_NAMES = (
+    "GeoLoRACallback",
+    "add_geolora_callback",
+    "check_optimizer",
+    "create_geolora_optimizer",
+)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _TRAINER_NAMES:
+        from . import trainer
+
+        return getattr(trainer, name)
+    raise AttributeError(f"module 'geolora' has no attribute {name!r}")
+
+
 __all__ = [
+    "AdapterError",
     "GeoLoRAConfig",
     "GeoLoRAConv1D",
     "GeoLoRAConv2d",
     "GeoLoRALayer",
     "GeoLoRALinear",
     "GeoLoRAOptimizer",
+    "RankHistory",
     "__version__",
+    "disable_adapter",
+    "export_peft_lora",
+    "format_rank_table",
+    "geolora_from_peft",
     "geolora_layers",
     "get_geolora_model",
+    "load_adapter",
+    "load_training_checkpoint",
+    "merge_adapter",
+    "merge_and_unload",
+    "plot_rank_heatmap",
+    "plot_rank_history",
     "rank_report",
+    "save_adapter",
+    "save_training_checkpoint",
+    "unmerge_adapter",
+    "write_rank_report",
+    *_TRAINER_NAMES,
 ]
