@@ -10,10 +10,15 @@ kernel ``Vᵀ`` for Conv2d) and ``down'(x; g)`` its weight gradient for output g
 No ``S⁻¹`` is ever formed, so ``S = 0`` at initialisation is no problem. Autograd stores these
 tensors in ``U.grad``, ``V.grad`` and ``S.grad``: they are *not* the gradients of ``U`` and ``V``,
 and no ordinary optimizer may touch the factors.
+
+Autocast is switched off inside both passes: the adapter runs in the dtype of its factors
+(float32 for half-precision base models), so ``G_K``, ``G_L``, ``G_S`` are float32 whatever the
+autocast dtype, and the backward sees the same dtypes as the forward.
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -65,29 +70,38 @@ def _down_input_grad(x: Tensor, g: Tensor, v: Tensor, conv: ConvGeometry | None)
     )
 
 
+def _no_autocast(device_type: str) -> contextlib.AbstractContextManager:
+    """Autocast off for ``device_type`` if it is on (a no-op context otherwise)."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
 class _AdapterFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, u, s, v, scale, conv):  # noqa: D401 - autograd signature
-        h = _down(x, v, conv)
-        ctx.save_for_backward(x, u, s, v, h)
-        ctx.scale, ctx.conv = scale, conv
-        return (h @ s.t()) @ u.t() * scale
+        with _no_autocast(x.device.type):
+            h = _down(x, v, conv)
+            ctx.save_for_backward(x, u, s, v, h)
+            ctx.scale, ctx.conv = scale, conv
+            return (h @ s.t()) @ u.t() * scale
 
     @staticmethod
     def backward(ctx, dy):
         x, u, s, v, h = ctx.saved_tensors
         scale, conv = ctx.scale, ctx.conv
-        dy_u = dy @ u
-        h_flat = h.reshape(-1, h.shape[-1])
         grad_k = grad_s = grad_l = grad_x = None
-        if ctx.needs_input_grad[1]:
-            grad_k = dy.reshape(-1, dy.shape[-1]).t() @ h_flat * scale
-        if ctx.needs_input_grad[2]:
-            grad_s = dy_u.reshape(-1, dy_u.shape[-1]).t() @ h_flat * scale
-        if ctx.needs_input_grad[3]:
-            grad_l = _down_weight_grad(x, dy_u, v, conv) * scale
-        if ctx.needs_input_grad[0]:
-            grad_x = _down_input_grad(x, (dy_u @ s) * scale, v, conv)
+        with _no_autocast(dy.device.type):
+            dy_u = dy @ u
+            h_flat = h.reshape(-1, h.shape[-1])
+            if ctx.needs_input_grad[1]:
+                grad_k = dy.reshape(-1, dy.shape[-1]).t() @ h_flat * scale
+            if ctx.needs_input_grad[2]:
+                grad_s = dy_u.reshape(-1, dy_u.shape[-1]).t() @ h_flat * scale
+            if ctx.needs_input_grad[3]:
+                grad_l = _down_weight_grad(x, dy_u, v, conv) * scale
+            if ctx.needs_input_grad[0]:
+                grad_x = _down_input_grad(x, (dy_u @ s) * scale, v, conv)
         return grad_x, grad_k, grad_s, grad_l, None, None
 
 
