@@ -13,6 +13,7 @@ same ``step()``, so learning-rate schedulers, gradient clipping and accumulation
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 import weakref
 from collections import defaultdict
@@ -69,6 +70,23 @@ def _warn_plain_optimizer(optimizer: torch.optim.Optimizer, args, kwargs) -> Non
 
 
 register_optimizer_step_pre_hook(_warn_plain_optimizer)
+
+
+@contextlib.contextmanager
+def _one_cpu_thread(device: torch.device):
+    """Run the geometric step with one intra-op thread on CPU. Its QRs (n × 2r), SVDs (2r × 2r)
+    and products are too small for threads to help; on a loaded CPU the threads wait on each
+    other, which made the step of 12 MiniLM adapters 200× slower at 2 threads (7 s against 36 ms,
+    see benchmarks/results/step_overhead.md). GPU steps are untouched."""
+    threads = torch.get_num_threads()
+    if device.type != "cpu" or threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _find_config(model: nn.Module) -> GeoLoRAConfig:
@@ -147,7 +165,8 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
         self._check_finite()
         for group in self.param_groups:
             if group["geolora"]:
-                self._geometric_step(group)
+                with _one_cpu_thread(group["params"][0].device):
+                    self._geometric_step(group)
             else:
                 self._adamw_step(group)
         return loss
