@@ -11,7 +11,7 @@ $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e ".[dev,hf]"
+	$(PIP) install -q -e ".[dev,hf,demo,vision]"
 	touch $@
 
 install: $(VENV)/.installed
@@ -25,6 +25,10 @@ test: lint
 
 demo: install
 	$(VENV)/bin/geolora finetune
+
+bench: install
+	$(PY) benchmarks/run_all.py
+	$(PY) benchmarks/vision_transfer.py
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info

@@ -188,3 +188,16 @@ def test_modules_inside_a_saved_module_get_no_adapter():
     assert isinstance(net.body, GeoLoRALinear)
     assert not any(isinstance(m, GeoLoRALinear) for m in net.head.modules())
     assert all(p.requires_grad for p in net.head.parameters())
+
+
+def test_deepcopied_model_keeps_factor_marks(tiny_bert):
+    import copy
+
+    from geolora import GeoLoRAOptimizer
+    from geolora.layers import is_factor
+
+    model = get_geolora_model(tiny_bert, GeoLoRAConfig(target_modules=["query"]))
+    clone = copy.deepcopy(model)
+    layer = clone.bert.encoder.layer[0].attention.self.query
+    assert all(is_factor(p) for p in (layer.U, layer.S, layer.V))
+    GeoLoRAOptimizer(clone, lr=1e-3)  # factors are told apart from the head again
