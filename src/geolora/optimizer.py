@@ -4,8 +4,11 @@ Per adapter (spec §2): directions ``D_K, D_L, D_S`` from the base rule (:mod:`g
 ``S₁ = (1 − λ·wd) S − λ D_S`` (decoupled weight decay of the whole adapter), QR augmentation of
 both bases, the augmented coefficients, an SVD, the rank decision (:mod:`geolora.ranks`), the
 truncation, and the transport of the optimizer state to the new bases. Adapters sharing a shape
-and rank are batched through one QR/SVD call; the singular values of all layers reach the host
-in one transfer, which is the only device sync of the step besides the finiteness check.
+and rank form a bucket that is stepped as one batch: gradients, factors and moments are stacked
+with one copy each, the directions, QR, SVD, truncation and transport run on the stacked tensors
+(each adapter keeps its own Adam step count and its own new rank), and factors and state go back
+with one copy per bucket. The singular values of all layers reach the host in one transfer, which
+is the only device sync of the step besides the finiteness check.
 
 Other trainable parameters (heads, ``modules_to_save``) get an ordinary AdamW step inside the
 same ``step()``, so learning-rate schedulers, gradient clipping and accumulation work as usual.
@@ -26,24 +29,29 @@ from torch.optim.adamw import adamw
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from . import base_rules, integrator, ranks
+from .base_rules import MOMENT_KEYS, split_block
 from .config import GeoLoRAConfig
-from .layers import GeoLoRALayer, is_factor
+from .layers import GeoLoRALayer, copy_whole, is_factor, set_stacked_factors, write_leading
 from .model import geolora_layers
 
 __all__ = ["GeoLoRAOptimizer"]
 
 
 @dataclass
-class _Pending:
-    """One adapter between augmentation and truncation."""
+class _Bucket:
+    """Adapters of one shape and rank between augmentation and truncation; every tensor is
+    stacked along dim 0 in the order of ``layers``. ``moments`` is the updated active state."""
 
-    name: str
-    layer: GeoLoRALayer
-    u_aug: integrator.AugmentedBasis | None = None
-    v_aug: integrator.AugmentedBasis | None = None
-    p: Tensor | None = None
-    sigma: Tensor | None = None
-    qh: Tensor | None = None
+    layers: list[GeoLoRALayer]
+    states: list[dict]
+    r_max: int
+    r_min: int
+    moments: dict[str, Tensor]
+    u_aug: integrator.AugmentedBasis
+    v_aug: integrator.AugmentedBasis
+    p: Tensor
+    sigma: Tensor
+    qh: Tensor
 
 
 _checked_optimizers: weakref.WeakSet = weakref.WeakSet()
@@ -76,8 +84,9 @@ register_optimizer_step_pre_hook(_warn_plain_optimizer)
 def _one_cpu_thread(device: torch.device):
     """Run the geometric step with one intra-op thread on CPU. Its QRs (n × 2r), SVDs (2r × 2r)
     and products are too small for threads to help; on a loaded CPU the threads wait on each
-    other, which made the step of 12 MiniLM adapters 200× slower at 2 threads (7 s against 36 ms,
-    see benchmarks/results/step_overhead.md). GPU steps are untouched."""
+    other, which made the step of 12 MiniLM adapters up to 200× slower at 2 threads (7 s against
+    36 ms; on a quiet machine the two are equal, see docs/benchmarks.md). GPU steps are
+    untouched."""
     threads = torch.get_num_threads()
     if device.type != "cpu" or threads == 1:
         yield
@@ -250,68 +259,118 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
         return state
 
     def _geometric_step(self, group: dict) -> None:
-        lr, decay = group["lr"], 1 - group["lr"] * group["weight_decay"]
-        buckets: dict[tuple, list[tuple[_Pending, dict]]] = defaultdict(list)
-        for name, layer in self._layers.items():
-            if layer.U.grad is None:
-                continue
-            r = layer.current_rank
-            state = self._layer_state(layer, group)
-            grads = {"K": layer.U.grad[:, :r], "L": layer.V.grad[:, :r], "S": layer.S.grad[:r, :r]}
-            d = base_rules.directions(
-                state, grads, r, group["base_rule"], group["momentum"], group["betas"], group["eps"]
-            )
-            u, s, v = (t.detach() for t in layer.active_factors())
-            tensors = {"U": u, "V": v, "DK": d["K"], "DL": d["L"], "S1": decay * s - lr * d["S"]}
-            key = (layer.out_features, layer.in_features, r, layer.r_max, u.dtype, u.device)
-            buckets[key].append((_Pending(name, layer), tensors))
-        pending: list[_Pending] = []
-        for (_, _, r, r_max, _, _), items in buckets.items():
-            stacked = {k: torch.stack([t[k] for _, t in items]) for k in items[0][1]}
-            u_aug = integrator.augment_basis(stacked["U"], stacked["DK"], r_max - r)
-            v_aug = integrator.augment_basis(stacked["V"], stacked["DL"], r_max - r)
-            s_hat = integrator.augmented_coefficients(stacked["S1"], u_aug, v_aug, lr)
-            p, sigma, qh = torch.linalg.svd(s_hat, full_matrices=False)
-            for i, (item, _) in enumerate(items):
-                item.u_aug = integrator.AugmentedBasis(u_aug.basis[i], u_aug.r11[i], u_aug.r22[i])
-                item.v_aug = integrator.AugmentedBasis(v_aug.basis[i], v_aug.r11[i], v_aug.r22[i])
-                item.p, item.sigma, item.qh = p[i], sigma[i], qh[i]
-                pending.append(item)
-        if not pending:
+        """Step every adapter with a gradient, in buckets of equal shape and rank (and
+        ``r_min``, ``dtype``, device), which are stepped as one batch each."""
+        shapes: dict[tuple, list[GeoLoRALayer]] = defaultdict(list)
+        for layer in self._layers.values():
+            u = layer.U
+            if u.grad is not None:
+                r_min = min(layer.r_min, layer.r_max)
+                key = (u.shape[0], layer.in_features, layer.current_rank, u.shape[1], r_min)
+                shapes[key + (u.dtype, u.device)].append(layer)
+        if not shapes:
             return
-        new_ranks = self._choose_ranks(pending, group["steps"])
-        for item, r_new in zip(pending, new_ranks):
-            self._apply(item, r_new, group)
+        buckets = [
+            self._augment(layers, key[2], key[3], key[4], group) for key, layers in shapes.items()
+        ]
+        new_ranks = self._choose_ranks(buckets, group["steps"])
+        for bucket, ranks_b in zip(buckets, new_ranks):
+            self._truncate(bucket, ranks_b)
         group["steps"] += 1
 
-    def _choose_ranks(self, pending: list[_Pending], step: int) -> list[int]:
+    def _augment(
+        self, layers: list[GeoLoRALayer], r: int, r_max: int, r_min: int, group: dict
+    ) -> _Bucket:
+        """Base-rule directions, ``S₁ = (1 − λ·wd) S − λ D_S``, both augmentations, ``Ŝ`` and its
+        SVD for the adapters of one bucket at once. Factors, gradients and moments are stacked
+        as blocks (see :mod:`geolora.base_rules`): one copy each for the whole bucket."""
+        lr, decay = group["lr"], 1 - group["lr"] * group["weight_decay"]
+        n, m = layers[0].out_features, layers[0].in_features
+        states = [self._layer_state(layer, group) for layer in layers]
+        steps = [state["step"] for state in states]
+        torch._foreach_add_(steps, 1)
+        moments = {
+            kind: _stack_blocks([st[key] for st in states for key in MOMENT_KEYS[kind]], r)
+            for kind in base_rules.moment_kinds(group["base_rule"], group["momentum"])
+        }
+        grad = _stack_blocks([t.grad for layer in layers for t in _factors(layer)], r)
+        moments, d = base_rules.directions(
+            moments,
+            grad,
+            torch.stack(steps),
+            group["base_rule"],
+            group["momentum"],
+            group["betas"],
+            group["eps"],
+        )
+        u, v, s = split_block(_stack_blocks([t for la in layers for t in _factors(la)], r), n, m)
+        d_k, d_l, d_s = split_block(d, n, m)
+        u_aug = integrator.augment_basis(u, d_k, r_max - r)
+        v_aug = integrator.augment_basis(v, d_l, r_max - r)
+        s_hat = integrator.augmented_coefficients(decay * s - lr * d_s, u_aug, v_aug, lr)
+        p, sigma, qh = torch.linalg.svd(s_hat, full_matrices=False)
+        return _Bucket(layers, states, r_max, r_min, moments, u_aug, v_aug, p, sigma, qh)
+
+    def _choose_ranks(self, buckets: list[_Bucket], step: int) -> list[list[int]]:
+        """New ranks per bucket from all singular values, moved to the host in one transfer."""
         cfg = self.config
-        sizes = [len(item.sigma) for item in pending]
-        host = torch.cat([item.sigma for item in pending]).double().cpu().split(sizes)
-        r_min = [min(item.layer.r_min, item.layer.r_max) for item in pending]
-        r_max = [item.layer.r_max for item in pending]
         if cfg.freeze_ranks_after is not None and step >= cfg.freeze_ranks_after:
-            return [item.layer.current_rank for item in pending]
-        if step < cfg.warmup_steps:
-            return [int(ranks.local_ranks(s, 0.0, lo, hi)) for s, lo, hi in zip(host, r_min, r_max)]
+            return [[layer.current_rank for layer in b.layers] for b in buckets]
+        sizes = [b.sigma.numel() for b in buckets]
+        host = torch.cat([b.sigma.reshape(-1) for b in buckets]).double().cpu().split(sizes)
+        host = [h.view_as(b.sigma) for h, b in zip(host, buckets)]
+        if step < cfg.warmup_steps or (cfg.budget is None and cfg.truncation == "local"):
+            tau = 0.0 if step < cfg.warmup_steps else cfg.tau
+            return [
+                ranks.local_ranks(h, tau, b.r_min, b.r_max).tolist() for h, b in zip(host, buckets)
+            ]
+        sigmas = [s for h in host for s in h]
+        r_min = [b.r_min for b in buckets for _ in b.layers]
+        r_max = [b.r_max for b in buckets for _ in b.layers]
         if cfg.budget is not None:
             costs = [
-                1 if cfg.budget_unit == "rank" else i.layer.out_features + i.layer.in_features + 1
-                for i in pending
+                1 if cfg.budget_unit == "rank" else layer.out_features + layer.in_features + 1
+                for b in buckets
+                for layer in b.layers
             ]
-            return ranks.budget_ranks(host, cfg.budget, costs, r_min, r_max)
-        if cfg.truncation == "global":
-            return ranks.global_tau_ranks(host, cfg.tau, r_min, r_max)
-        return [int(ranks.local_ranks(s, cfg.tau, lo, hi)) for s, lo, hi in zip(host, r_min, r_max)]
+            flat = ranks.budget_ranks(sigmas, cfg.budget, costs, r_min, r_max)
+        else:
+            flat = ranks.global_tau_ranks(sigmas, cfg.tau, r_min, r_max)
+        it = iter(flat)
+        return [[next(it) for _ in b.layers] for b in buckets]
 
-    def _apply(self, item: _Pending, r_new: int, group: dict) -> None:
-        layer, r_old = item.layer, item.layer.current_rank
-        u_new, sigma, v_new, p1, q1 = integrator.truncate(
-            item.u_aug.basis, item.v_aug.basis, item.p, item.sigma, item.qh, r_new
+    def _truncate(self, bucket: _Bucket, new_ranks: list[int]) -> None:
+        """Keep each adapter's ``r₁`` leading singular triplets, ``U ← Û P₁``, ``V ← V̂ Q₁``,
+        ``S ← diag(σ₁..σ_{r₁})``, and transport the state with ``C = P₁ᵀ [r11; 0]`` (and alike).
+        ``P₁`` and ``Q₁`` are all columns of ``P`` and ``Q`` with those beyond each adapter's
+        ``r₁`` zeroed, so that one batched product serves adapters of different new ranks."""
+        u_basis, v_basis = bucket.u_aug.basis, bucket.v_aug.basis
+        r_new = torch.tensor(new_ranks).to(u_basis.device, non_blocking=True)
+        keep = torch.arange(bucket.sigma.shape[-1], device=r_new.device) < r_new.unsqueeze(-1)
+        p1 = bucket.p.masked_fill(~keep.unsqueeze(-2), 0)
+        q1 = bucket.qh.transpose(-1, -2).masked_fill(~keep.unsqueeze(-2), 0)
+        s = torch.diag_embed(bucket.sigma.masked_fill(~keep, 0))
+        set_stacked_factors(bucket.layers, u_basis @ p1, s, v_basis @ q1, new_ranks)
+        c_u = integrator.coordinate_change(bucket.u_aug.r11, p1)
+        c_v = integrator.coordinate_change(bucket.v_aug.r11, q1)
+        n, m = u_basis.shape[-2], v_basis.shape[-2]
+        moved = base_rules.transport(bucket.moments, n, m, c_u, c_v, keep.to(u_basis))
+        write_leading(
+            [[state[key] for state in bucket.states] for key in moved], list(moved.values())
         )
-        state = self.state[layer.U]
-        c_u = integrator.coordinate_change(item.u_aug.r11, p1)
-        c_v = integrator.coordinate_change(item.v_aug.r11, q1)
-        base_rules.transport_state(state, r_old, r_new, c_u, c_v)
-        layer.set_factors(u_new, sigma, v_new)
-        state["rank"] = r_new
+        for state, r in zip(bucket.states, new_ranks):
+            state["rank"] = r
+
+
+def _factors(layer: GeoLoRALayer) -> tuple[Tensor, Tensor, Tensor]:
+    """``(U, V, S)``: the factors in block order."""
+    return layer.U, layer.V, layer.S
+
+
+def _stack_blocks(tensors: list[Tensor], r: int) -> Tensor:
+    """Stack the active columns of ``[K₁, L₁, S₁, K₂, …]`` (full size) into blocks
+    (B, n + m + r_max, r), copying whole tensors or only their active columns (see
+    :func:`geolora.layers.copy_whole`)."""
+    if copy_whole(tensors[0], tensors[0].shape[0], r):
+        return torch.cat(tensors).view(len(tensors) // 3, -1, tensors[0].shape[-1])[..., :r]
+    return torch.cat([t[:, :r] for t in tensors]).view(len(tensors) // 3, -1, r)
