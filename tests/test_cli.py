@@ -1,0 +1,270 @@
+"""The ``geolora`` command end to end on a tiny config-built BERT saved to disk (no download)."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import signal
+
+import pytest
+import torch
+from conftest import tiny_bert_config
+from safetensors.torch import load_file
+
+from geolora import cli
+from geolora.finetune import finetune
+
+WORDS = [
+    *("the", "a", "movie", "film", "was", "is", "very", "not", "plot"),
+    *("good", "great", "fun", "bad", "awful", "boring"),
+]
+POSITIVE, NEGATIVE = ["good", "great", "fun"], ["bad", "awful", "boring"]
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    """A tiny BertForSequenceClassification and a word-level BertTokenizerFast, saved."""
+    from transformers import BertForSequenceClassification, BertTokenizerFast
+
+    root = tmp_path_factory.mktemp("tiny-bert")
+    vocab = root / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]))
+    BertTokenizerFast(vocab=str(vocab)).save_pretrained(root / "model")
+    torch.manual_seed(0)
+    BertForSequenceClassification(tiny_bert_config()).save_pretrained(root / "model")
+    return root / "model"
+
+
+@pytest.fixture(scope="module")
+def tiny_csv(tmp_path_factory):
+    """32 short reviews whose label (pos/neg) is set by the sentiment word."""
+    path = tmp_path_factory.mktemp("data") / "reviews.csv"
+    lines = ["text,label"]
+    for i in range(32):
+        good = i % 2 == 0
+        word = (POSITIVE if good else NEGATIVE)[i % 3]
+        noun = ["movie", "film"][i % 2]
+        lines.append(f"the {noun} was {'very ' * (i % 3)}{word},{'pos' if good else 'neg'}")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _args(model_dir, dataset, out, *extra):
+    return [
+        "finetune",
+        "--model", str(model_dir),
+        "--dataset", str(dataset),
+        "--epochs", "2",
+        "--batch-size", "8",
+        "--max-length", "16",
+        "--r", "2",
+        "--r-max", "8",
+        "--lr", "0.01",
+        "--output-dir", str(out),
+        "--quiet",
+        *extra,
+    ]  # fmt: skip
+
+
+def _tensors(directory):
+    return load_file(str(directory / "adapter_model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def run_dir(tiny_model_dir, tiny_csv, tmp_path_factory):
+    """One uninterrupted run, shared by the tests that inspect its outputs."""
+    out = tmp_path_factory.mktemp("runs") / "full"
+    assert cli.main(_args(tiny_model_dir, tiny_csv, out)) == 0
+    return out
+
+
+def test_finetune_writes_adapters_metrics_and_report(run_dir, tiny_model_dir, capsys):
+    for name in ["metrics.json", "rank_report.json", "rank_heatmap.png", "rank_history.json"]:
+        assert (run_dir / name).is_file(), name
+    assert (run_dir / "rank_history.png").is_file()
+    assert not (run_dir / "checkpoint").exists()
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    # 32 examples, 20% held out: 26 train -> 4 batches of 8 per epoch, 2 epochs.
+    assert (metrics["train_examples"], metrics["eval_examples"], metrics["steps"]) == (26, 6, 8)
+    assert metrics["label_names"] == ["neg", "pos"]
+    assert 0.0 <= metrics["accuracy"] <= 1.0
+    history = json.loads((run_dir / "rank_history.json").read_text())
+    assert history["steps"] == list(range(9))
+    # The peft export computes what the GeoLoRA adapter computes.
+    from peft import PeftModel
+    from transformers import BertForSequenceClassification
+
+    from geolora.io import load_adapter
+
+    ids = torch.tensor([[2, 5, 7, 9, 13, 3]])
+    geo = load_adapter(
+        BertForSequenceClassification.from_pretrained(tiny_model_dir), run_dir / "adapter"
+    )
+    peft_model = PeftModel.from_pretrained(
+        BertForSequenceClassification.from_pretrained(tiny_model_dir), str(run_dir / "peft_adapter")
+    ).eval()
+    torch.testing.assert_close(peft_model(input_ids=ids).logits, geo(input_ids=ids).logits)
+    assert torch.any(
+        geo(input_ids=ids).logits
+        != BertForSequenceClassification.from_pretrained(tiny_model_dir)(input_ids=ids).logits
+    )
+
+
+def test_report_and_export_commands(run_dir, tiny_model_dir, tmp_path, capsys):
+    assert cli.main(["report", str(run_dir)]) == 0
+    table = capsys.readouterr().out
+    ranks = json.loads((run_dir / "rank_report.json").read_text())["ranks"]
+    assert "bert.encoder.layer.1.attention.self.query" in table
+    total_row = next(line for line in table.splitlines() if line.startswith("total"))
+    assert total_row.split()[1] == str(sum(ranks.values()))
+    assert cli.main(["report", str(run_dir / "adapter"), "--plots", str(tmp_path / "p")]) == 0
+    assert (tmp_path / "p" / "rank_heatmap.png").is_file()
+    out = tmp_path / "exported"
+    assert cli.main(["export", str(run_dir), "-o", str(out), "--model", str(tiny_model_dir)]) == 0
+    mine, theirs = _tensors(out), _tensors(run_dir / "peft_adapter")
+    assert mine.keys() == theirs.keys()
+    for key in mine:
+        torch.testing.assert_close(mine[key], theirs[key])
+
+
+def test_config_file_flag_precedence_and_sentence_pairs(tiny_model_dir, tmp_path):
+    """A JSONL dataset of sentence pairs with integer labels; the config file names the columns
+    and sets r, lr and epochs; the --lr flag wins over the file."""
+    data = tmp_path / "pairs.jsonl"
+    rows = [
+        {
+            "first": f"the movie was {w}",
+            "second": f"it is {v}",
+            "y": int((w in POSITIVE) == (v in POSITIVE)),
+        }
+        for w in POSITIVE + NEGATIVE
+        for v in POSITIVE + NEGATIVE
+    ]
+    data.write_text("\n".join(json.dumps(row) for row in rows))
+    config = tmp_path / "run.yaml"
+    config.write_text(
+        "r: 3\nlr: 0.02\nepochs: 1\ntarget_modules: [query, value]\n"
+        "text_column: first\ntext-pair-column: second\nlabel_column: y\n"
+    )
+    out = tmp_path / "cfg"
+    args = _args(tiny_model_dir, data, out, "--config", str(config))
+    args[args.index("--epochs") : args.index("--epochs") + 2] = []  # epochs from the file
+    args[args.index("--r") : args.index("--r") + 2] = []  # r from the file
+    assert cli.main(args) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    options = metrics["options"]
+    assert (options["r"], options["epochs"], options["lr"]) == (3, 1, 0.01)  # --lr overrides
+    assert options["target_modules"] == ["query", "value"]
+    assert options["text_pair_column"] == "second"
+    assert metrics["label_names"] == ["0", "1"] and metrics["train_examples"] == 29
+    assert len(json.loads((out / "rank_report.json").read_text())["ranks"]) == 4
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["finetune", "--r", "0"], "expected a positive integer"),
+        (["finetune", "--lr", "fast"], "invalid float value"),
+        (["finetune", "--no-such-flag"], "unrecognized arguments"),
+        (["frobnicate"], "invalid choice"),
+    ],
+)
+def test_bad_arguments_exit_2(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def _error(argv, capsys) -> str:
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("geolora: error: ") and "\n" not in err and "Traceback" not in err
+    return err
+
+
+@pytest.mark.parametrize(
+    "name, content, expected",
+    [
+        ("missing.csv", None, "does not exist"),
+        ("empty.csv", "", "is empty"),
+        ("ragged.csv", "text,label\ngood movie,pos\nbad,film,neg\n", "line 3"),
+        (
+            "broken.jsonl",
+            '{"text": "good", "label": 1}\n{"text": "bad", \n',
+            "line 2 is not valid JSON",
+        ),
+        ("one_class.csv", "text,label\ngood,pos\ngreat,pos\n", "single label"),
+    ],
+)
+def test_bad_dataset_files(name, content, expected, tiny_model_dir, tmp_path, capsys):
+    path = tmp_path / name
+    if content is not None:
+        path.write_text(content)
+    err = _error(_args(tiny_model_dir, path, tmp_path / "out"), capsys)
+    assert name in err and expected in err
+
+
+def test_unknown_label_column(tiny_model_dir, tiny_csv, tmp_path, capsys):
+    argv = _args(tiny_model_dir, tiny_csv, tmp_path / "out", "--label-column", "sentiment")
+    err = _error(argv, capsys)
+    assert "'sentiment'" in err and "['text', 'label']" in err and "--label-column" in err
+
+
+def test_missing_model_path_and_unreachable_hub(tiny_csv, tmp_path, capsys):
+    err = _error(_args(tmp_path / "no-model", tiny_csv, tmp_path / "out"), capsys)
+    assert "no-model does not exist" in err
+    err = _error(_args("nobody/no-such-model", tiny_csv, tmp_path / "out"), capsys)
+    assert "Could not load model 'nobody/no-such-model'" in err
+
+
+def test_invalid_rank_settings_and_config_keys(tiny_model_dir, tiny_csv, tmp_path, capsys):
+    err = _error(_args(tiny_model_dir, tiny_csv, tmp_path / "o", "--r", "9"), capsys)
+    assert "r=9 is larger than r_max=8" in err
+    config = tmp_path / "bad.yaml"
+    config.write_text("learning_rate: 0.1\n")
+    err = _error(_args(tiny_model_dir, tiny_csv, tmp_path / "o", "--config", str(config)), capsys)
+    assert "bad.yaml" in err and "unknown key 'learning_rate'" in err
+    config.write_text("r: [1, 2\n")
+    err = _error(_args(tiny_model_dir, tiny_csv, tmp_path / "o", "--config", str(config)), capsys)
+    assert "bad.yaml is not valid YAML/JSON" in err
+
+
+def test_interrupt_then_resume_matches_uninterrupted(
+    run_dir, tiny_model_dir, tiny_csv, tmp_path, monkeypatch, capsys
+):
+    """Ctrl-C (a real SIGINT) at step 3 writes a checkpoint; --resume ends where the
+    uninterrupted run ended, bit for bit."""
+
+    def interrupt_at_3(step: int) -> None:
+        if step == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    out = tmp_path / "resumed"
+    monkeypatch.setattr(cli, "finetune", functools.partial(finetune, on_step=interrupt_at_3))
+    assert cli.main(_args(tiny_model_dir, tiny_csv, out)) == 130
+    assert "Interrupted at step 3/8" in capsys.readouterr().err
+    assert (out / "checkpoint" / "state.pt").is_file() and not (out / "metrics.json").exists()
+    err = _error(["finetune", "--resume", "--output-dir", str(out), "--lr", "0.5"], capsys)
+    assert "differ: ['lr']" in err
+    monkeypatch.setattr(cli, "finetune", finetune)
+    assert cli.main(["finetune", "--resume", "--output-dir", str(out), "--quiet"]) == 0
+    for part in ["adapter", "peft_adapter"]:
+        resumed, full = _tensors(out / part), _tensors(run_dir / part)
+        assert resumed.keys() == full.keys()
+        for key in full:
+            assert torch.equal(resumed[key], full[key]), key
+    metrics = [json.loads((d / "metrics.json").read_text()) for d in (out, run_dir)]
+    assert metrics[0]["accuracy"] == metrics[1]["accuracy"]
+    assert metrics[0]["eval_loss"] == metrics[1]["eval_loss"]
+    history = json.loads((out / "rank_history.json").read_text())
+    assert history == json.loads((run_dir / "rank_history.json").read_text())
+    err = _error(["finetune", "--resume", "--output-dir", str(tmp_path / "none")], capsys)
+    assert "Nothing to resume" in err
+
+
+def test_hub_dataset_without_datasets_package_or_hub(tiny_model_dir, tmp_path, capsys):
+    err = _error(_args(tiny_model_dir, "glue/sst2", tmp_path / "out"), capsys)
+    assert "'glue/sst2'" in err
+    assert "pip install datasets" in err or "Could not load the Hugging Face dataset" in err
