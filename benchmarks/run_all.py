@@ -47,8 +47,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     payload = {"seconds": seconds, "total_s": total}
     common.write_table(
         "run_all",
-        "HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/run_all.py"
-        + (" --smoke" if args.smoke else ""),
+        common.command("run_all", args.smoke),
         "Benchmark suite timing",
         lines,
         payload,
