@@ -3,16 +3,21 @@
 The adapter modifies ``W = Eᵀ`` (n × m = dim × num_embeddings), as peft does, so that
 ``y = W one_hot(x)`` and the input projection is the row lookup ``down(x; V) = V[x]``
 (``one_hot(x) V``). Its weight gradient scatters the output gradient back to the rows that were
-looked up, ``∂/∂V <g, V[x]> = Σ_t e_{x_t} g_tᵀ`` (``index_add``), with the ``padding_idx`` row
-left at zero as ``nn.Embedding`` does; the indices get no gradient. ``ΔW`` in the table's layout
-is ``ΔWᵀ``; peft's tensors are ``lora_embedding_A = Vᵀ`` (r × num_embeddings) and
-``lora_embedding_B = s U S`` (dim × r).
+looked up, ``∂/∂V <g, V[x]> = Σ_t e_{x_t} g_tᵀ`` (``index_add``); the indices get no gradient.
+
+The ``padding_idx`` row is never adapted, as ``nn.Embedding`` never trains it: ``down`` gives 0
+for padding tokens, so their output is the base row, the weight gradient ``G`` has a zero column
+there (in ``G_K``, ``G_L`` and ``G_S`` alike), and ``ΔW``'s padding column is written as zero
+wherever ``ΔW`` leaves the layer (merge, peft export). ``ΔW`` in the table's layout is ``ΔWᵀ``;
+peft's tensors are ``lora_embedding_A = Vᵀ`` (r × num_embeddings) and ``lora_embedding_B = s U S``
+(dim × r).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
@@ -28,7 +33,10 @@ class EmbeddingProjection:
     padding_idx: int | None
 
     def down(self, x: Tensor, v: Tensor) -> Tensor:
-        return F.embedding(x, v, padding_idx=self.padding_idx)
+        h = F.embedding(x, v)
+        if self.padding_idx is None:
+            return h
+        return h * (x != self.padding_idx).unsqueeze(-1).to(h.dtype)
 
     def weight_grad(self, x: Tensor, g: Tensor, v: Tensor) -> Tensor:
         grad = v.new_zeros(v.shape).index_add_(0, x.reshape(-1), g.reshape(-1, g.shape[-1]))
@@ -69,5 +77,16 @@ class GeoLoRAEmbedding(GeoLoRALayer):
         """Indices go in as they are (no dropout on indices; peft drops nothing here either)."""
         return x
 
+    def _without_padding_column(self, matrix: Tensor) -> Tensor:
+        """``matrix`` (… × num_embeddings) with the ``padding_idx`` column set to zero."""
+        if self.padding_idx is None:
+            return matrix
+        keep = torch.ones(matrix.shape[-1], dtype=matrix.dtype, device=matrix.device)
+        keep[self.padding_idx] = 0
+        return matrix * keep
+
     def to_weight_layout(self, delta: Tensor) -> Tensor:
-        return delta.t()
+        return self._without_padding_column(delta).t()
+
+    def peft_tensors(self, a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+        return self._without_padding_column(a), b
