@@ -207,8 +207,13 @@ def test_wrapped_layers_expose_base_attributes(family):
 
         model = LlamaForCausalLM(
             LlamaConfig(
-                vocab_size=48, hidden_size=16, intermediate_size=24, num_hidden_layers=1,
-                num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32,
+                vocab_size=48,
+                hidden_size=16,
+                intermediate_size=24,
+                num_hidden_layers=1,
+                num_attention_heads=2,
+                num_key_value_heads=1,
+                max_position_embeddings=32,
             )  # fmt: skip
         )
     get_geolora_model(model, GeoLoRAConfig(target_modules="all-linear", r=4))
