@@ -237,3 +237,21 @@ def test_peft_model_is_pointed_to_geolora_from_peft(tiny_gpt2):
     peft_model = get_peft_model(tiny_gpt2, LoraConfig(target_modules=["c_attn"], r=2))
     with pytest.raises(TypeError, match="geolora_from_peft"):
         get_geolora_model(peft_model, GeoLoRAConfig(target_modules=["c_attn"]))
+
+
+def test_merge_embedding_and_conv1d_keeps_outputs():
+    import copy
+
+    from geolora import merge_and_unload
+
+    net = nn.Sequential(nn.Embedding(9, 4, padding_idx=2), nn.Conv1d(5, 3, 4, padding="same"))
+    get_geolora_model(net, GeoLoRAConfig(target_modules=["0", "1"], r=2))
+    gen = torch.Generator().manual_seed(7)
+    for layer in (net[0], net[1]):
+        _randomise(layer, gen)
+    ids, signal = torch.tensor([[2, 0, 8, 2]]), torch.randn(2, 5, 9)
+    emb, conv = net[0](ids), net[1](signal)
+    assert torch.equal(emb[0, 0], net[0].base_layer.weight[2])  # padding row not adapted
+    merged = merge_and_unload(copy.deepcopy(net))
+    torch.testing.assert_close(merged[0](ids), emb)
+    torch.testing.assert_close(merged[1](signal), conv)
