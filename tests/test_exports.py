@@ -121,6 +121,31 @@ def test_auto_peft_models_load_the_export(tmp_path):
     torch.testing.assert_close(loaded(input_ids=ids).logits, bert(input_ids=ids).logits)
 
 
+def test_auto_peft_model_loads_a_model_without_task(tmp_path):
+    """No task (a bare BertModel): ``auto_mapping`` names the class for ``AutoPeftModel``."""
+    from peft import AutoPeftModel
+    from transformers import BertModel
+
+    BertModel(tiny_bert_config()).save_pretrained(tmp_path / "bare")
+    model = BertModel.from_pretrained(tmp_path / "bare").eval()
+    model = _randomise(get_geolora_model(model, GeoLoRAConfig(["query", "value"], r=2)), 7)
+    export_peft_lora(model, tmp_path / "peft")
+    loaded = AutoPeftModel.from_pretrained(tmp_path / "peft").eval()
+    ids = torch.randint(0, 64, (2, 9))
+    torch.testing.assert_close(
+        loaded(input_ids=ids).last_hidden_state, model(input_ids=ids).last_hidden_state
+    )
+
+
+def test_exports_refuse_layers_whose_owner_reads_the_weight(tmp_path):
+    layer = nn.TransformerEncoderLayer(8, 2, dim_feedforward=12, batch_first=True)
+    model = get_geolora_model(nn.Sequential(layer), GeoLoRAConfig(["out_proj"], r=2))
+    with pytest.raises(ValueError, match="reads out_proj.weight directly.*merge_and_unload"):
+        export_peft_lora(model, tmp_path / "peft")
+    with pytest.raises(ValueError, match="reads out_proj.weight directly"):
+        export_diffusers_lora(model, tmp_path / "diffusers")
+
+
 def _consumer_deltas(path):
     """ΔW per module as each consumer computes it from the exported files (module doc of
     geolora.formats.peft cites the source of every rule)."""

@@ -253,3 +253,25 @@ def test_trainer_resume_from_its_own_checkpoint_is_exact(tmp_path):
     torch.testing.assert_close(reloaded(ids).logits, model.eval()(ids).logits, rtol=0, atol=1e-6)
     _, resumed = run(adapter_seed=1, resume=str(tmp_path / "checkpoint-3"))
     assert max((uninterrupted[k] - resumed[k]).abs().max().item() for k in resumed) <= 1e-6
+
+
+def test_load_best_model_at_end_restores_the_best_adapter(model, tmp_path):
+    args = training_args(
+        tmp_path, max_steps=6, save_strategy="steps", save_steps=2, eval_strategy="steps",
+        eval_steps=2, load_best_model_at_end=True, metric_for_best_model="loss",
+        greater_is_better=True,  # the highest loss: an early checkpoint, not the final state
+    )  # fmt: skip
+    trainer = Trainer(
+        model=model, args=args, train_dataset=dataset(), eval_dataset=dataset(8, seed=1),
+        optimizers=create_geolora_optimizer(model, args, args.max_steps),
+    )  # fmt: skip
+    add_geolora_callback(trainer)
+    trainer.train()
+    best = trainer.state.best_model_checkpoint
+    assert best is not None and not best.endswith("checkpoint-6")  # else the test shows nothing
+    from transformers import BertForSequenceClassification
+
+    torch.manual_seed(0)
+    reference = load_adapter(BertForSequenceClassification(tiny_bert_config()), best)
+    ids = torch.randint(0, 64, (2, 10))
+    torch.testing.assert_close(model.eval()(ids).logits, reference(ids).logits, rtol=0, atol=1e-6)

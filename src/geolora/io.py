@@ -32,7 +32,13 @@ from safetensors.torch import save as save_safetensors
 from torch import Tensor, nn
 
 from .config import GeoLoRAConfig
-from .formats._files import recover, write_adapter_dir, write_files_into
+from .formats._files import (
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    recover,
+    write_adapter_dir,
+    write_files_into,
+)
 from .layers import kind_of
 from .model import find_target_names, geolora_layers, get_geolora_model, name_matches
 
@@ -44,8 +50,6 @@ __all__ = [
     "save_adapter",
 ]
 
-CONFIG_NAME = "adapter_config.json"
-WEIGHTS_NAME = "adapter_model.safetensors"
 FORMAT = "geolora-adapter"
 FORMAT_VERSION = 1
 PEFT_TYPE = (

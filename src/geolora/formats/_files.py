@@ -17,7 +17,11 @@ import os
 import shutil
 from pathlib import Path
 
-__all__ = ["recover", "write_adapter_dir", "write_files_into"]
+__all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "recover", "write_adapter_dir", "write_files_into"]
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+"""File names of an adapter directory: peft's, shared by the GeoLoRA and the peft format."""
 
 
 def write_adapter_dir(path: Path, files: dict[str, bytes]) -> Path:

@@ -46,13 +46,11 @@ from torch.nn import functional as F
 from ..config import GeoLoRAConfig
 from ..layers import GeoLoRAConv1D, GeoLoRALayer
 from ..model import geolora_layers
-from ._files import write_adapter_dir
+from ._files import CONFIG_NAME, WEIGHTS_NAME, write_adapter_dir
 
 __all__ = ["PEFT_PREFIX", "export_peft_lora", "lora_tensors"]
 
 PEFT_PREFIX = "base_model.model."
-CONFIG_NAME = "adapter_config.json"
-WEIGHTS_NAME = "adapter_model.safetensors"
 _TASK_BY_CLASS_SUFFIX = (
     ("ForSequenceClassification", "SEQ_CLS"),
     ("ForCausalLM", "CAUSAL_LM"),

@@ -166,7 +166,16 @@ class GeoLoRALayer(nn.Module):
         return a, b
 
     def check_peft_exportable(self, name: str) -> None:
-        """Raise a ValueError if peft's LoRA layer of this kind cannot represent this adapter."""
+        """Raise a ValueError if peft's LoRA layer of this kind cannot represent this adapter: a
+        layer whose owner reads its weight would be bypassed by peft's LoRA layer (whose
+        ``weight`` is the base weight)."""
+        if self.reads_weight:
+            raise ValueError(
+                f"Module {name!r}: its owner reads {name.rpartition('.')[2]}.weight directly "
+                "(nn.MultiheadAttention, or nn.TransformerEncoderLayer's fast path), which would "
+                "bypass a peft LoRA layer there. Merge the adapter instead (merge_and_unload), or "
+                "train without this module."
+            )
 
     # --- state ---------------------------------------------------------------------------
     def _apply(self, fn, recurse=True):

@@ -125,6 +125,7 @@ class _GeoLoRAConv(GeoLoRALayer):
         return kernel_a, b.reshape(*b.shape, *(1,) * self.dims)
 
     def check_peft_exportable(self, name: str) -> None:
+        super().check_peft_exportable(name)
         if any(d != 1 for d in self.projection.dilation):
             raise ValueError(
                 f"Module {name!r} is a convolution with dilation {self.projection.dilation}; "
