@@ -286,4 +286,8 @@ def test_plain_optimizer_on_factors_raises_before_changing_anything(tiny_bert):
     after = [p.detach() for p in model.parameters() if p.requires_grad]
     assert all(torch.equal(a, b) for a, b in zip(after, before))
     head_only = torch.optim.AdamW(model.classifier.parameters(), lr=1e-3)
-    head_only.step()  # no factors: allowed
+    head_only.step()  # no factors: allowed (and remembered)
+    query = model.bert.encoder.layer[0].attention.self.query
+    head_only.add_param_group({"params": [query.U]})
+    with pytest.raises(PlainOptimizerError, match="AdamW is about to step 1 GeoLoRA factor"):
+        head_only.step()

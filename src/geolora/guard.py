@@ -7,8 +7,8 @@ the orthonormal bases and never moves the ranks. :func:`refuse_plain_optimizer` 
 as a global optimizer step pre-hook, so it runs before every ``optimizer.step()`` of every torch
 optimizer (a transformers ``Trainer`` built without ``optimizers=`` included) and raises
 :class:`PlainOptimizerError` before any parameter changes when such an optimizer holds factors
-that have gradients. An optimizer that holds no factor is remembered and costs one lookup per
-step afterwards.
+that have gradients. An optimizer found safe (a GeoLoRAOptimizer, or one that holds no factor) is
+remembered and costs one lookup per step afterwards, until its parameter groups change.
 """
 
 from __future__ import annotations
@@ -26,24 +26,25 @@ class PlainOptimizerError(RuntimeError):
     """An ordinary optimizer was about to step GeoLoRA factors (nothing was changed)."""
 
 
-_without_factors: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_allowed: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+"""Optimizers found safe (a GeoLoRAOptimizer, or no factor held), with their group count then."""
 
 
 def refuse_plain_optimizer(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
     """Global step pre-hook: raise :class:`PlainOptimizerError` if ``optimizer`` is not a
     GeoLoRAOptimizer (or a wrapper of one) and would step a GeoLoRA factor (one that has a
     ``.grad``)."""
+    groups = len(optimizer.param_groups)
+    if _allowed.get(optimizer) == groups:
+        return
     from .optimizer import GeoLoRAOptimizer  # registered from there: no import cycle
 
     inner = optimizer
     while isinstance(getattr(inner, "optimizer", None), torch.optim.Optimizer):
         inner = inner.optimizer  # wrappers such as accelerate's AcceleratedOptimizer
-    groups = len(optimizer.param_groups)
-    if isinstance(inner, GeoLoRAOptimizer) or _without_factors.get(optimizer) == groups:
-        return
     factors = [p for g in optimizer.param_groups for p in g["params"] if is_factor(p)]
-    if not factors:
-        _without_factors[optimizer] = groups
+    if isinstance(inner, GeoLoRAOptimizer) or not factors:
+        _allowed[optimizer] = groups
         return
     stepped = sum(p.grad is not None for p in factors)
     if stepped:
