@@ -10,6 +10,7 @@ from torch import nn
 
 from .config import GeoLoRAConfig
 from .layers import GeoLoRALayer, is_all_linear_candidate, is_factor, is_peft_layer, wrap_layer
+from .model_methods import attach_model_methods
 
 __all__ = [
     "adapter_param_count",
@@ -90,7 +91,9 @@ def get_geolora_model(model: nn.Module, config: GeoLoRAConfig) -> nn.Module:
 
     The returned model (the same object) has the same forward signature and, at initialisation
     (``S = 0``), exactly the base model's outputs. Modules in ``config.modules_to_save`` are
-    trained in full. The config is kept as ``model.geolora_config``.
+    trained in full. The config is kept as ``model.geolora_config``; the model gains
+    ``print_trainable_parameters()`` and a ``save_pretrained`` that writes the adapter
+    (:mod:`geolora.model_methods`).
     """
     if any(isinstance(m, GeoLoRALayer) for m in model.modules()):
         raise ValueError("This model already has GeoLoRA adapters; load or merge them instead.")
@@ -128,8 +131,6 @@ def get_geolora_model(model: nn.Module, config: GeoLoRAConfig) -> nn.Module:
         for module in found:
             module.requires_grad_(True)
     model.geolora_config = config
-    from .model_methods import attach_model_methods  # it imports this module
-
     attach_model_methods(model)
     return model
 

@@ -22,7 +22,6 @@ from typing import Any
 from torch import nn
 
 from .layers import is_factor
-from .model import trainable_parameter_count
 
 __all__ = ["attach_model_methods", "detach_model_methods", "print_trainable_parameters"]
 
@@ -33,6 +32,8 @@ def print_trainable_parameters(model: nn.Module) -> None:
     """Print ``trainable params: T || all params: A || trainable%: P`` (peft's format): ``T``
     counts the adapters at their current ranks plus the other trainable parameters, ``A`` the
     model's parameters with the adapters counted the same way."""
+    from .model import trainable_parameter_count  # model.py attaches this function
+
     trainable = trainable_parameter_count(model)
     plain = [p for p in model.parameters() if not is_factor(p)]
     adapters = trainable - sum(p.numel() for p in plain if p.requires_grad)
@@ -53,7 +54,7 @@ def _save_pretrained(
 ) -> None:
     """``save_pretrained`` of a GeoLoRA model: the adapter files into ``save_directory``
     (``state_dict``, ``safe_serialization`` and similar arguments do not apply and are ignored)."""
-    from .io import save_adapter_into
+    from .io import save_adapter_into  # io imports model, which imports this module
 
     if push_to_hub:
         raise ValueError(
