@@ -70,6 +70,16 @@ def test_save_pretrained_writes_the_adapter_and_peft_loaders_name_the_right_call
         AutoModelForSequenceClassification.from_pretrained(tmp_path / "out")
 
 
+def test_merge_and_unload_gives_back_the_plain_save_pretrained(tiny_bert, tmp_path):
+    from geolora import merge_and_unload
+
+    model = _randomise(get_geolora_model(tiny_bert, GeoLoRAConfig(["query"], r=2)))
+    plain = merge_and_unload(model)
+    assert "save_pretrained" not in vars(plain) and "print_trainable_parameters" not in vars(plain)
+    plain.save_pretrained(tmp_path / "merged")
+    assert {"config.json", "model.safetensors"} <= {p.name for p in (tmp_path / "merged").iterdir()}
+
+
 def test_print_trainable_parameters(tiny_bert, capsys):
     model = get_geolora_model(tiny_bert, GeoLoRAConfig(target_modules=["query"], r=2))
     model.print_trainable_parameters()
