@@ -360,17 +360,24 @@ def test_sgd_with_large_lr_warns_about_adamw_on_the_head(tiny_bert):
         GeoLoRAOptimizer(model, lr=0.5, base_rule="sgd")
 
 
-def test_plain_optimizer_on_factors_warns_loudly(tiny_bert):
-    model = get_geolora_model(tiny_bert, GeoLoRAConfig(target_modules=["query"]))
+def test_plain_optimizer_on_factors_raises_before_changing_anything(tiny_bert):
+    from geolora.guard import PlainOptimizerError
+
+    model = get_geolora_model(
+        tiny_bert, GeoLoRAConfig(target_modules=["query"], modules_to_save=["classifier"])
+    )
     plain = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     ids, labels = _bert_batch(torch.Generator().manual_seed(0))
     model(input_ids=ids, labels=labels).loss.backward()
-    with pytest.warns(RuntimeWarning, match="corrupts the adapters"):
-        plain.step()
+    before = [p.detach().clone() for p in model.parameters() if p.requires_grad]
+    for _ in range(2):  # refused on every try, not only the first
+        with pytest.raises(PlainOptimizerError, match="nothing was changed.*GeoLoRAOptimizer"):
+            plain.step()
+    after = [p.detach() for p in model.parameters() if p.requires_grad]
+    assert all(torch.equal(a, b) for a, b in zip(after, before))
     head_only = torch.optim.AdamW(model.classifier.parameters(), lr=1e-3)
-    model.classifier.weight.grad = torch.zeros_like(model.classifier.weight)
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        head_only.step()  # no factors: no warning
+    head_only.step()  # no factors: allowed (and remembered)
+    query = model.bert.encoder.layer[0].attention.self.query
+    head_only.add_param_group({"params": [query.U]})
+    with pytest.raises(PlainOptimizerError, match="AdamW is about to step 1 GeoLoRA factor"):
+        head_only.step()

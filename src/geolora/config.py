@@ -14,6 +14,14 @@ from typing import Any, Literal
 __all__ = ["GeoLoRAConfig"]
 
 TRUNCATION_MODES = ("local", "global")
+TASK_TYPES = (
+    "SEQ_CLS",
+    "SEQ_2_SEQ_LM",
+    "CAUSAL_LM",
+    "TOKEN_CLS",
+    "QUESTION_ANS",
+    "FEATURE_EXTRACTION",
+)
 BUDGET_UNITS = ("rank", "params")
 
 
@@ -46,6 +54,9 @@ class GeoLoRAConfig:
         exclude_modules: names (suffix match) never adapted, even if ``target_modules`` matches.
         warmup_steps: no truncation (beyond ``r_max``) during the first steps.
         freeze_ranks_after: after this many steps, ranks stay fixed (the bases still move).
+        task_type: peft's task type (``"SEQ_CLS"``, ``"CAUSAL_LM"``, … or a ``peft.TaskType``),
+            recorded in peft exports so that ``AutoPeftModelFor<Task>`` loads them; default: read
+            off the model's class name at export.
     """
 
     target_modules: list[str] | str | None = None
@@ -64,9 +75,17 @@ class GeoLoRAConfig:
     exclude_modules: list[str] | None = None
     warmup_steps: int = 0
     freeze_ranks_after: int | None = None
+    task_type: str | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        if self.task_type is not None:
+            self.task_type = str(getattr(self.task_type, "value", self.task_type))
+            if self.task_type not in TASK_TYPES:
+                raise ValueError(
+                    f"task_type must be one of {TASK_TYPES} (peft's TaskType) or None, got "
+                    f"{self.task_type!r}."
+                )
         if isinstance(self.target_modules, (tuple, set)):
             self.target_modules = sorted(self.target_modules)
         if self.target_modules is None or (

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-import weakref
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 from . import base_rules, integrator, ranks
 from .base_rules import MOMENT_KEYS, SCALAR_KEYS, split_block
 from .config import GeoLoRAConfig
+from .guard import refuse_plain_optimizer
 from .layers import GeoLoRALayer, copy_whole, is_factor, set_stacked_factors, write_leading
 from .model import geolora_layers
 
@@ -54,30 +54,7 @@ class _Bucket:
     qh: Tensor
 
 
-_checked_optimizers: weakref.WeakSet = weakref.WeakSet()
-
-
-def _warn_plain_optimizer(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
-    """Global step pre-hook: an ordinary optimizer about to step GeoLoRA factors would destroy
-    the bases (``U.grad`` holds ``G_K = G V``, not the gradient of ``U``). Checked once per
-    optimizer, so the hook costs one set lookup per step afterwards."""
-    if optimizer in _checked_optimizers:
-        return
-    _checked_optimizers.add(optimizer)
-    if isinstance(optimizer, GeoLoRAOptimizer):
-        return
-    n_factors = sum(is_factor(p) for g in optimizer.param_groups for p in g["params"])
-    if n_factors:
-        warnings.warn(
-            f"{type(optimizer).__name__} is stepping {n_factors} GeoLoRA factor tensors (U, S, V). "
-            "Their .grad fields are not plain gradients, and an ordinary optimizer step corrupts "
-            "the adapters. Use GeoLoRAOptimizer(model, ...) for GeoLoRA models.",
-            RuntimeWarning,
-            stacklevel=3,
-        )
-
-
-register_optimizer_step_pre_hook(_warn_plain_optimizer)
+register_optimizer_step_pre_hook(refuse_plain_optimizer)
 
 
 @contextlib.contextmanager
