@@ -194,22 +194,32 @@ def write_table(
 
 def setup_note(setup: Setup) -> str:
     """One line describing the run size, for the tables."""
+    trained = (
+        "all 6 encoder layers trained (embedding outputs cached)"
+        if setup.top_layers == 6
+        else f"top {setup.top_layers} encoder layer(s) trained (lower layers frozen and cached)"
+    )
     return (
         f"all-MiniLM-L6-v2, Rotten Tomatoes: {setup.n_train} train / {setup.n_val} val / "
         f"{setup.n_test} test sentences, max_length {setup.max_length}, batch {setup.batch_size}, "
-        f"{setup.steps} steps, constant lr, AdamW for peft/full/head; top {setup.top_layers} "
-        f"encoder layer(s) trained (lower layers frozen and cached), adapters on all 6 of its "
-        f"linear maps; lr picked on val accuracy, test accuracy reported; {THREADS} CPU thread."
+        f"{setup.steps} steps, constant lr, AdamW for peft/full/head; {trained}, adapters on "
+        f"all {6 * setup.top_layers} linear maps of the trained layers; lr picked on val "
+        f"accuracy, test accuracy reported; {THREADS} CPU thread."
     )
 
 
-def parse_args(description: str, argv: list[str] | None = None):
-    """``--smoke`` (a few steps, tiny grids) and ``--out`` (results folder)."""
+def parse_args(description: str, argv: list[str] | None = None, methods: tuple[str, ...] = ()):
+    """``--smoke`` (a few steps, tiny grids) and ``--out`` (results folder); with ``methods``,
+    also ``--methods`` (a subset of them to run; the tables then hold only those)."""
     import argparse
 
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--smoke", action="store_true", help="a few steps on tiny grids (CI)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="results folder")
+    if methods:
+        parser.add_argument(
+            "--methods", nargs="+", choices=methods, default=list(methods), help="run only these"
+        )
     args = parser.parse_args(argv)
     args.setup = SMOKE if args.smoke else FULL
     return args

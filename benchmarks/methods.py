@@ -50,6 +50,17 @@ def geolora_fingerprint() -> str:
     return digest.hexdigest()[:12]
 
 
+def geolora_defaults() -> dict[str, Any]:
+    """The library's default initial rank ``r`` and optimizer ``lr`` (the values a run gets
+    when it names neither)."""
+    import inspect
+
+    from geolora import GeoLoRAConfig, GeoLoRAOptimizer
+
+    lr = inspect.signature(GeoLoRAOptimizer).parameters["lr"].default
+    return {"r": GeoLoRAConfig(target_modules=["query"]).r, "lr": lr}
+
+
 def classification_loss(out: Any, labels: Tensor) -> Tensor:
     """The loss a classification run reports: cross-entropy of the logits (without AdaLoRA's
     orthogonality penalty, which peft adds to ``out.loss``)."""

@@ -11,6 +11,7 @@ their longest sentence (padding is masked, so trimming changes nothing but the c
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import os
 from dataclasses import dataclass
@@ -46,6 +47,12 @@ class Setup:
 
 FULL = Setup()
 SMOKE = Setup(n_train=48, n_val=16, n_test=16, max_length=16, batch_size=8, steps=3)
+REAL_TASK = Setup(
+    n_train=4000, n_val=500, n_test=1000, max_length=32, batch_size=16, steps=500, top_layers=6
+)
+"""Issue 9's real task: all six encoder layers adapted (only the embeddings are cached), 500
+steps (2 epochs of 4 000 sentences), 1 000 test sentences (one seed's standard error ≈ 1.3 pt)."""
+REAL_TASK_SMOKE = dataclasses.replace(SMOKE, top_layers=6)
 
 
 def model_path() -> str:
@@ -74,7 +81,7 @@ def tokenize(texts: list[str], max_length: int) -> dict[str, Tensor]:
     )
 
 
-class _PassThrough(nn.Module):
+class PassThrough(nn.Module):
     """Stands in for the embeddings: the cached hidden states arrive as ``inputs_embeds``."""
 
     def forward(self, inputs_embeds: Tensor, **_: Any) -> Tensor:
@@ -90,7 +97,7 @@ class TopClassifier(nn.Module):
     def __init__(self, model: nn.Module, top_layers: int) -> None:
         super().__init__()
         self.bert = model.bert
-        self.bert.embeddings = _PassThrough()
+        self.bert.embeddings = PassThrough()
         self.bert.pooler = None
         self.bert.encoder.layer = self.bert.encoder.layer[-top_layers:]
         self.dropout = model.dropout

@@ -19,6 +19,9 @@ SCRIPTS = (
     "tau_lr",
     "init_rank",
     "base_rule",
+    "planted_ranks",
+    "text_comparison",
+    "lr_sweep",
     "step_overhead",
     "cost_scaling",
 )
