@@ -44,7 +44,7 @@ class PlantedSetup:
 
     n_train: int = 1024
     n_eval: int = 256
-    max_length: int = 32
+    max_length: int = 24
     batch_size: int = 16
     steps: int = 300
     relative_norm: float = 0.1
