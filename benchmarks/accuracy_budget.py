@@ -157,7 +157,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     _plot(rows, out / f"{NAME}.png")
     payload = {"seeds": list(seeds), "lrs": lrs, "rows": rows, "targets": targets}
     common.write_table(
-        NAME, common.command(NAME, args.smoke), "Accuracy at budget", lines, payload, out
+        NAME,
+        common.command(NAME, args.smoke, args.extras),
+        "Accuracy at budget",
+        lines,
+        payload,
+        out,
     )
     return payload
 

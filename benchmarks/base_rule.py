@@ -72,7 +72,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ]
     payload = {"summary": summary, "winner": winner, "val_gap": gap, "tie_within_noise": tie}
     common.write_table(
-        NAME, common.command(NAME, args.smoke), "Base rule: adam vs sgd", lines, payload, out
+        NAME,
+        common.command(NAME, args.smoke, args.extras),
+        "Base rule: adam vs sgd",
+        lines,
+        payload,
+        out,
     )
     return payload
 

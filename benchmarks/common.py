@@ -174,9 +174,10 @@ def best_lr(
     return best["config"]["hyper"]["lr"], runs
 
 
-def command(name: str, smoke: bool) -> str:
-    """The shell command that produces table ``name``."""
-    return f"HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/{name}.py" + (" --smoke" if smoke else "")
+def command(name: str, smoke: bool, extras: str = "") -> str:
+    """The shell command that produces table ``name`` (``extras``: further options)."""
+    line = f"HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/{name}.py" + (" --smoke" if smoke else "")
+    return f"{line} {extras}" if extras else line
 
 
 def write_table(
@@ -222,6 +223,14 @@ def parse_args(description: str, argv: list[str] | None = None, methods: tuple[s
         )
     args = parser.parse_args(argv)
     args.setup = SMOKE if args.smoke else FULL
+    extras = []
+    if methods and args.methods != list(methods):
+        extras += ["--methods", *args.methods]
+    if args.out.resolve() != RESULTS:
+        out = args.out.resolve()
+        root = RESULTS.parents[1]
+        extras += ["--out", str(out.relative_to(root) if out.is_relative_to(root) else out)]
+    args.extras = " ".join(extras)
     return args
 
 

@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     payload = {"tokens": tokens, "reps": reps, "by_width": by_width, "by_depth": by_depth}
     common.write_table(
         NAME,
-        common.command(NAME, args.smoke),
+        common.command(NAME, args.smoke, args.extras),
         "Overhead vs width and depth",
         lines,
         payload,

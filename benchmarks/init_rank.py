@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     common.write_table(
         NAME,
-        common.command(NAME, args.smoke),
+        common.command(NAME, args.smoke, args.extras),
         "Initial-rank independence",
         lines,
         payload,

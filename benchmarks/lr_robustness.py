@@ -96,7 +96,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         },
     }
     common.write_table(
-        NAME, common.command(NAME, args.smoke), "Learning-rate robustness", lines, payload, args.out
+        NAME,
+        common.command(NAME, args.smoke, args.extras),
+        "Learning-rate robustness",
+        lines,
+        payload,
+        args.out,
     )
     return payload
 

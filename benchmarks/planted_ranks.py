@@ -241,7 +241,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "rows": rows,
     }
     common.write_table(
-        NAME, common.command(NAME, args.smoke), "Planted ranks", lines, payload, args.out
+        NAME,
+        common.command(NAME, args.smoke, args.extras),
+        "Planted ranks",
+        lines,
+        payload,
+        args.out,
     )
     return payload
 

@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     payload = {"seconds": seconds, "total_s": total}
     common.write_table(
         "run_all",
-        common.command("run_all", args.smoke),
+        common.command("run_all", args.smoke, args.extras),
         "Benchmark suite timing",
         lines,
         payload,

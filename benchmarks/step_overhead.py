@@ -280,7 +280,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "two_thread_optimizer_step_s": thread_effect,
     }
     common.write_table(
-        NAME, common.command(NAME, args.smoke), "Cost per step", lines, payload, args.out
+        NAME,
+        common.command(NAME, args.smoke, args.extras),
+        "Cost per step",
+        lines,
+        payload,
+        args.out,
     )
     return payload
 
