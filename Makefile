@@ -11,7 +11,7 @@ $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e ".[dev,hf,demo,vision]"
+	$(PIP) install -q -e ".[dev,hf,demo,vision,diffusers]"
 	touch $@
 
 install: $(VENV)/.installed

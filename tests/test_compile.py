@@ -48,7 +48,7 @@ def test_compiled_forward_and_backward_match_eager_across_rank_changes():
     import torch._dynamo as dynamo
 
     config = GeoLoRAConfig(
-        target_modules=["a", "h"], r=1, r_max=8, tau=0.05, modules_to_save=["out"]
+        target_modules=["a", "h"], r=1, r_max=12, tau=0.05, modules_to_save=["out"]
     )
     model = get_geolora_model(_Net(), config)
     optimizer = GeoLoRAOptimizer(model, lr=5e-2)
@@ -74,4 +74,4 @@ def test_compiled_forward_and_backward_match_eager_across_rank_changes():
             seen_ranks.add(tuple(layer.current_rank for layer in geolora_layers(model).values()))
     assert len(seen_ranks) >= 3, "ranks did not move: nothing to recompile for"
     # first call static, then one dynamic graph for every rank: no recompile per rank change
-    assert dynamo.utils.counters["stats"]["unique_graphs"] <= 2
+    assert dynamo.utils.counters["stats"]["unique_graphs"] <= 2, seen_ranks

@@ -12,7 +12,7 @@ from conftest import tiny_bert_config
 from safetensors.torch import load_file, save_file
 
 from geolora import GeoLoRAConfig, GeoLoRAOptimizer, geolora_layers, get_geolora_model
-from geolora import io as gio
+from geolora.formats import _files as gio
 from geolora.io import AdapterError, load_adapter, save_adapter
 
 BERT_CFG = dict(

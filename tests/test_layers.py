@@ -139,10 +139,12 @@ def test_grouped_conv_refused():
         get_geolora_model(net, GeoLoRAConfig(target_modules=["0"], r=1))
 
 
-def test_rank_larger_than_layer_refused():
-    net = nn.Sequential(nn.Linear(8, 3))
-    with pytest.raises(ValueError, match="exceeds min"):
-        get_geolora_model(net, GeoLoRAConfig(target_modules=["0"], r=4))
+def test_rank_larger_than_layer_is_capped_per_module():
+    """A 3-output head under r=4, r_min=4 gets rank 3 = min(n, m); the wide layer keeps r=4."""
+    net = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 3))
+    get_geolora_model(net, GeoLoRAConfig(target_modules="all-linear", r=4, r_min=4))
+    assert (net[0].current_rank, net[0].r_max, net[0].r_min) == (4, 8, 4)
+    assert (net[1].current_rank, net[1].r_max, net[1].r_min) == (3, 3, 3)
 
 
 def test_double_injection_refused(tiny_bert):

@@ -5,7 +5,8 @@ truncation and the state transport with all columns of ``P`` and ``Q`` and zeroi
 part beyond its new rank. The reference here steps one adapter at a time, as written in the
 docstrings of :mod:`geolora.base_rules` and :mod:`geolora.integrator`: base-rule directions with
 the adapter's own step count, ``S₁ = (1 − λ·wd) S − λ D_S``, augmentation, SVD, the local rank
-rule, ``U ← Û P₁``, and the transport ``M_K ← M_K C_vᵀ`` … with the second-moment fill. Every
+rule with its margin, ``U ← Û P₁``, and the transport ``M_K ← M_K C_vᵀ`` … with the
+second-moment fill (per-coordinate Adam) or the invariant scalar (Riemannian Adam). Every
 step, factors and full-size state (zero beyond the rank) must agree to float64 rounding, both
 when whole tensors are copied (small adapters) and when views of their active part are.
 """
@@ -27,7 +28,7 @@ from geolora import (
 )
 from geolora.layers import set_stacked_factors
 
-LR, WD, TAU, R_MAX, MOMENTUM = 0.05, 0.1, 0.2, 8, 0.9
+LR, WD, TAU, R_MAX, MOMENTUM, MARGIN = 0.05, 0.1, 0.2, 8, 0.9, 0.1
 BETAS, EPS = (0.9, 0.999), 1e-8
 
 
@@ -41,6 +42,7 @@ def _model(freeze: bool) -> nn.Module:
         r=3,
         r_max=R_MAX,
         tau=TAU,
+        rank_margin=MARGIN,
         freeze_ranks_after=0 if freeze else None,
     )
     return get_geolora_model(net, config)
@@ -54,23 +56,30 @@ def _reference(layer, state: dict, rule: str, freeze: bool) -> tuple[dict, dict]
     grads = {"K": layer.U.grad, "L": layer.V.grad, "S": layer.S.grad}
     t = float(state["step"]) + 1
     first, second, d = {}, {}, {}
+    grads = {key: act[key](g) for key, g in grads.items()}
+    mean_sq = sum(g.square().sum() for g in grads.values()) / sum(g.numel() for g in grads.values())
     for key, g in grads.items():
-        g = act[key](g)
         if rule == "sgd":
             first[key] = MOMENTUM * act[key](state[key]) + g
             d[key] = first[key]
+        elif rule == "riemannian_adam":
+            first[key] = BETAS[0] * act[key](state[key]) + (1 - BETAS[0]) * g
+            q = BETAS[1] * state["sq"] + (1 - BETAS[1]) * mean_sq
+            m_hat, q_hat = first[key] / (1 - BETAS[0] ** t), q / (1 - BETAS[1] ** t)
+            d[key] = m_hat / (q_hat.sqrt() + EPS)
         else:
             first[key] = BETAS[0] * act[key](state[key]) + (1 - BETAS[0]) * g
             second[key] = BETAS[1] * act[key](state[key + "_sq"]) + (1 - BETAS[1]) * g * g
             m_hat, q_hat = first[key] / (1 - BETAS[0] ** t), second[key] / (1 - BETAS[1] ** t)
             d[key] = m_hat / (q_hat.sqrt() + EPS)
     u, s, v = (f.detach() for f in layer.active_factors())
-    u_aug = integrator.augment_basis(u, d["K"], R_MAX - r)
-    v_aug = integrator.augment_basis(v, d["L"], R_MAX - r)
+    u_aug = integrator.augment_basis(u, d["K"])
+    v_aug = integrator.augment_basis(v, d["L"])
     s1 = (1 - LR * WD) * s - LR * d["S"]
     p, sigma, qh = torch.linalg.svd(integrator.augmented_coefficients(s1, u_aug, v_aug, LR))
-    r1 = r if freeze else int(ranks.local_ranks(sigma, TAU, 1, R_MAX))
-    u1, sig1, v1, p1, q1 = integrator.truncate(u_aug.basis, v_aug.basis, p, sigma, qh, r1)
+    r1 = r if freeze else int(ranks.local_ranks(sigma, TAU, 1, R_MAX, MARGIN, r))
+    p1, q1, sig1 = p[:, :r1], qh[:r1, :].T, sigma[:r1]
+    u1, v1 = u_aug.basis @ p1, v_aug.basis @ q1
     c_u = integrator.coordinate_change(u_aug.r11, p1)
     c_v = integrator.coordinate_change(v_aug.r11, q1)
     new = {
@@ -78,6 +87,8 @@ def _reference(layer, state: dict, rule: str, freeze: bool) -> tuple[dict, dict]
         "L": first["L"] @ c_u.T,
         "S": c_u @ first["S"] @ c_v.T,
     }
+    if rule == "riemannian_adam":
+        new["sq"] = q
     if rule == "adam":
         cu2, cv2 = c_u.square(), c_v.square()
         miss_u, miss_v = (1 - cu2.sum(1)).clamp(min=0), (1 - cv2.sum(1)).clamp(min=0)
@@ -89,6 +100,8 @@ def _reference(layer, state: dict, rule: str, freeze: bool) -> tuple[dict, dict]
 
     def full(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         out = torch.zeros_like(like)
+        if out.dim() == 0:
+            return out + x
         out[: x.shape[0], : x.shape[1]] = x
         return out
 
@@ -96,7 +109,7 @@ def _reference(layer, state: dict, rule: str, freeze: bool) -> tuple[dict, dict]
     return factors, {key: full(value, state[key]) for key, value in new.items()}
 
 
-@pytest.mark.parametrize("rule", ["adam", "sgd"])
+@pytest.mark.parametrize("rule", ["riemannian_adam", "adam", "sgd"])
 @pytest.mark.parametrize("freeze", [False, True], ids=["local_tau", "frozen_ranks"])
 @pytest.mark.parametrize("copy", ["whole", "views"])
 def test_batched_step_matches_per_adapter_reference(rule, freeze, copy, monkeypatch):
@@ -123,6 +136,7 @@ def test_batched_step_matches_per_adapter_reference(rule, freeze, copy, monkeypa
                 for key in ("K", "L", "S", "K_sq", "L_sq", "S_sq"):
                     like = {"K": layer.U, "L": layer.V, "S": layer.S}[key[0]]
                     state[key] = torch.zeros_like(like)
+                state["sq"] = torch.zeros((), dtype=torch.float64)
             expected[layer] = _reference(layer, state, rule, freeze)
         old = {
             layer: (layer.current_rank, float(opt.state[layer.U].get("step", 0)))

@@ -17,7 +17,7 @@ from transformers import (
     get_scheduler,
 )
 
-from geolora import GeoLoRAConfig, GeoLoRAOptimizer, get_geolora_model, rank_report
+from geolora import GeoLoRAConfig, GeoLoRAOptimizer, get_geolora_model, load_adapter, rank_report
 from geolora.model import geolora_layers
 from geolora.trainer import (
     GeoLoRACallback,
@@ -165,6 +165,18 @@ def test_trainer_without_geolora_optimizer_refuses_to_train(model, tmp_path):
         assert torch.equal(layer.U, before[name])
 
 
+def test_trainer_without_optimizer_or_callback_raises_before_any_change(model, tmp_path):
+    """No callback and no ``optimizers=``: the process-wide guard stops the Trainer's AdamW at
+    its first step, and names the fix."""
+    from geolora.guard import PlainOptimizerError
+
+    trainer = Trainer(model=model, args=training_args(tmp_path), train_dataset=dataset())
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    with pytest.raises(PlainOptimizerError, match="create_geolora_optimizer"):
+        trainer.train()
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters() if n in before)
+
+
 def test_check_optimizer(model, tiny_gpt2):
     check_optimizer(GeoLoRAOptimizer(model), model)  # the right optimizer passes
     with pytest.raises(ValueError, match=r"query\.U.*plain SGD"):
@@ -199,8 +211,9 @@ def test_warmup_ratio_is_applied(model, tmp_path):
 
 
 def test_trainer_resume_from_its_own_checkpoint_is_exact(tmp_path):
-    """The Trainer's checkpoints (model state dict with the rank buffers, optimizer state, RNG)
-    are enough: resuming reproduces the uninterrupted run, dropout included."""
+    """The Trainer's checkpoints (the GeoLoRA adapter with its ranks, optimizer state, RNG) are
+    enough: resuming reproduces the uninterrupted run, dropout included. A checkpoint holds the
+    adapter, not the base model, and save_model() writes an adapter that load_adapter reloads."""
 
     def run(adapter_seed, resume=None):
         torch.manual_seed(0)
@@ -222,9 +235,43 @@ def test_trainer_resume_from_its_own_checkpoint_is_exact(tmp_path):
             train_dataset=dataset(),
             optimizers=create_geolora_optimizer(model, args, args.max_steps),
         )
+        add_geolora_callback(trainer)
         trainer.train(resume_from_checkpoint=resume)
-        return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        trainer.save_model(str(tmp_path / "final"))
+        return model, {
+            n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad
+        }
 
-    uninterrupted = run(adapter_seed=0)
-    resumed = run(adapter_seed=1, resume=str(tmp_path / "checkpoint-3"))
+    model, uninterrupted = run(adapter_seed=0)
+    files = {p.name for p in (tmp_path / "checkpoint-3").iterdir()}
+    assert {"adapter_config.json", "adapter_model.safetensors", "optimizer.pt"} <= files
+    assert not files & {"model.safetensors", "pytorch_model.bin", "config.json"}
+    torch.manual_seed(0)
+    base = BertForSequenceClassification(tiny_bert_config(hidden_dropout_prob=0.1))
+    reloaded = load_adapter(base, tmp_path / "final")
+    ids = torch.randint(0, 64, (2, 10))
+    torch.testing.assert_close(reloaded(ids).logits, model.eval()(ids).logits, rtol=0, atol=1e-6)
+    _, resumed = run(adapter_seed=1, resume=str(tmp_path / "checkpoint-3"))
     assert max((uninterrupted[k] - resumed[k]).abs().max().item() for k in resumed) <= 1e-6
+
+
+def test_load_best_model_at_end_restores_the_best_adapter(model, tmp_path):
+    args = training_args(
+        tmp_path, max_steps=6, save_strategy="steps", save_steps=2, eval_strategy="steps",
+        eval_steps=2, load_best_model_at_end=True, metric_for_best_model="loss",
+        greater_is_better=True,  # the highest loss: an early checkpoint, not the final state
+    )  # fmt: skip
+    trainer = Trainer(
+        model=model, args=args, train_dataset=dataset(), eval_dataset=dataset(8, seed=1),
+        optimizers=create_geolora_optimizer(model, args, args.max_steps),
+    )  # fmt: skip
+    add_geolora_callback(trainer)
+    trainer.train()
+    best = trainer.state.best_model_checkpoint
+    assert best is not None and not best.endswith("checkpoint-6")  # else the test shows nothing
+    from transformers import BertForSequenceClassification
+
+    torch.manual_seed(0)
+    reference = load_adapter(BertForSequenceClassification(tiny_bert_config()), best)
+    ids = torch.randint(0, 64, (2, 10))
+    torch.testing.assert_close(model.eval()(ids).logits, reference(ids).logits, rtol=0, atol=1e-6)

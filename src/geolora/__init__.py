@@ -9,10 +9,19 @@ from typing import Any
 
 from .checkpoint import load_training_checkpoint, save_training_checkpoint
 from .config import GeoLoRAConfig
+from .formats.diffusers import export_diffusers_lora
 from .io import AdapterError, load_adapter, save_adapter
-from .layers import GeoLoRAConv1D, GeoLoRAConv2d, GeoLoRALayer, GeoLoRALinear
+from .layers import (
+    GeoLoRAConv1D,
+    GeoLoRAConv1d,
+    GeoLoRAConv2d,
+    GeoLoRAEmbedding,
+    GeoLoRALayer,
+    GeoLoRALinear,
+)
 from .merge import disable_adapter, merge_adapter, merge_and_unload, unmerge_adapter
 from .model import geolora_layers, get_geolora_model, rank_report
+from .model_methods import print_trainable_parameters
 from .optimizer import GeoLoRAOptimizer
 from .peft_interop import export_peft_lora, geolora_from_peft
 from .reports import (
@@ -46,13 +55,16 @@ __all__ = [
     "AdapterError",
     "GeoLoRAConfig",
     "GeoLoRAConv1D",
+    "GeoLoRAConv1d",
     "GeoLoRAConv2d",
+    "GeoLoRAEmbedding",
     "GeoLoRALayer",
     "GeoLoRALinear",
     "GeoLoRAOptimizer",
     "RankHistory",
     "__version__",
     "disable_adapter",
+    "export_diffusers_lora",
     "export_peft_lora",
     "format_rank_table",
     "geolora_from_peft",
@@ -64,6 +76,7 @@ __all__ = [
     "merge_and_unload",
     "plot_rank_heatmap",
     "plot_rank_history",
+    "print_trainable_parameters",
     "rank_report",
     "save_adapter",
     "save_training_checkpoint",

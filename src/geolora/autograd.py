@@ -1,15 +1,21 @@
-"""The adapter's forward ``y = s · ((x V) Sᵀ) Uᵀ`` with a backward that returns the three
+"""The adapter's forward ``y = s · ((down(x; V)) Sᵀ) Uᵀ`` with a backward that returns the three
 gradients the integrator needs, all at the same point and at LoRA's cost (spec §2):
 
     G_K = s · dyᵀ h            (n × r)   gradient w.r.t. K = U S,   h = down(x; V)
     G_L = s · down'(x; dy U)   (m × r)   gradient w.r.t. L = V Sᵀ
     G_S = s · (dy U)ᵀ h        (r × r)   gradient w.r.t. S
 
-where ``down(x; V)`` is the input projection (``x V`` for a linear layer, a convolution with
-kernel ``Vᵀ`` for Conv2d) and ``down'(x; g)`` its weight gradient for output gradient ``g``.
+where ``down(x; V)`` is the input projection of the layer kind (``x V`` for a linear layer, a
+convolution with kernel ``Vᵀ`` for a convolution, the rows ``V[x]`` for an embedding; see
+:class:`Projection`) and ``down'(x; g)`` its weight gradient for output gradient ``g``.
 No ``S⁻¹`` is ever formed, so ``S = 0`` at initialisation is no problem. Autograd stores these
 tensors in ``U.grad``, ``V.grad`` and ``S.grad``: they are *not* the gradients of ``U`` and ``V``,
 and no ordinary optimizer may touch the factors.
+
+:func:`effective_weight` is the same op for owners that read a layer's weight instead of calling
+it (``nn.MultiheadAttention`` reads ``out_proj.weight``): ``W = W0 + s · U S Vᵀ`` formed densely,
+whose backward turns the weight gradient ``G`` into ``G_K = s G V``, ``G_L = s Gᵀ U``,
+``G_S = s Uᵀ G V``: the same three tensors, so the optimizer cannot tell the routes apart.
 
 Autocast is switched off inside both passes: the adapter runs in the dtype of its factors
 (float32 for half-precision base models), so ``G_K``, ``G_L``, ``G_S`` are float32 whatever the
@@ -19,55 +25,28 @@ autocast dtype, and the backward sees the same dtypes as the forward.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch import Tensor
-from torch.nn import functional as F
-from torch.nn import grad as nn_grad
 
-__all__ = ["ConvGeometry", "adapter_delta"]
+__all__ = ["Projection", "adapter_delta", "effective_weight"]
 
 
-@dataclass(frozen=True)
-class ConvGeometry:
-    """Stride, padding and dilation of a Conv2d whose input projection is ``down``."""
+class Projection(Protocol):
+    """The input projection ``h = down(x; V)`` of one layer kind, channels last (``… × r``)."""
 
-    kernel_size: tuple[int, int]
-    stride: tuple[int, int]
-    padding: tuple[int, int] | str
-    dilation: tuple[int, int]
+    def down(self, x: Tensor, v: Tensor) -> Tensor:
+        """``h = down(x; V)``."""
+        ...
 
-    def kernel(self, v: Tensor, in_channels: int) -> Tensor:
-        return v.t().reshape(v.shape[1], in_channels, *self.kernel_size)
+    def weight_grad(self, x: Tensor, g: Tensor, v: Tensor) -> Tensor:
+        """Gradient of ``<g, down(x; V)>`` with respect to ``V`` (m × r)."""
+        ...
 
-
-def _down(x: Tensor, v: Tensor, conv: ConvGeometry | None) -> Tensor:
-    """Input projection, channels last: ``x V`` or ``conv2d(x, Vᵀ)``."""
-    if conv is None:
-        return x @ v
-    kernel = conv.kernel(v, x.shape[1])
-    out = F.conv2d(x, kernel, None, conv.stride, conv.padding, conv.dilation)
-    return out.movedim(1, -1)
-
-
-def _down_weight_grad(x: Tensor, g: Tensor, v: Tensor, conv: ConvGeometry | None) -> Tensor:
-    """Gradient of ``<g, down(x; V)>`` with respect to ``V`` (m × r)."""
-    if conv is None:
-        return x.reshape(-1, x.shape[-1]).t() @ g.reshape(-1, g.shape[-1])
-    shape = conv.kernel(v, x.shape[1]).shape
-    w = nn_grad.conv2d_weight(x, shape, g.movedim(-1, 1), conv.stride, conv.padding, conv.dilation)
-    return w.reshape(v.shape[1], -1).t()
-
-
-def _down_input_grad(x: Tensor, g: Tensor, v: Tensor, conv: ConvGeometry | None) -> Tensor:
-    """Gradient of ``<g, down(x; V)>`` with respect to ``x``."""
-    if conv is None:
-        return g @ v.t()
-    kernel = conv.kernel(v, x.shape[1])
-    return nn_grad.conv2d_input(
-        x.shape, kernel, g.movedim(-1, 1), conv.stride, conv.padding, conv.dilation
-    )
+    def input_grad(self, x: Tensor, g: Tensor, v: Tensor) -> Tensor | None:
+        """Gradient of ``<g, down(x; V)>`` with respect to ``x`` (None: ``x`` holds indices)."""
+        ...
 
 
 def _no_autocast(device_type: str) -> contextlib.AbstractContextManager:
@@ -79,17 +58,17 @@ def _no_autocast(device_type: str) -> contextlib.AbstractContextManager:
 
 class _AdapterFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, u, s, v, scale, conv):  # noqa: D401 - autograd signature
+    def forward(ctx, x, u, s, v, scale, projection):  # noqa: D401 - autograd signature
         with _no_autocast(x.device.type):
-            h = _down(x, v, conv)
+            h = projection.down(x, v)
             ctx.save_for_backward(x, u, s, v, h)
-            ctx.scale, ctx.conv = scale, conv
+            ctx.scale, ctx.projection = scale, projection
             return (h @ s.t()) @ u.t() * scale
 
     @staticmethod
     def backward(ctx, dy):
         x, u, s, v, h = ctx.saved_tensors
-        scale, conv = ctx.scale, ctx.conv
+        scale, projection = ctx.scale, ctx.projection
         grad_k = grad_s = grad_l = grad_x = None
         with _no_autocast(dy.device.type):
             dy_u = dy @ u
@@ -99,15 +78,43 @@ class _AdapterFunction(torch.autograd.Function):
             if ctx.needs_input_grad[2]:
                 grad_s = dy_u.reshape(-1, dy_u.shape[-1]).t() @ h_flat * scale
             if ctx.needs_input_grad[3]:
-                grad_l = _down_weight_grad(x, dy_u, v, conv) * scale
+                grad_l = projection.weight_grad(x, dy_u, v) * scale
             if ctx.needs_input_grad[0]:
-                grad_x = _down_input_grad(x, (dy_u @ s) * scale, v, conv)
+                grad_x = projection.input_grad(x, (dy_u @ s) * scale, v)
         return grad_x, grad_k, grad_s, grad_l, None, None
 
 
 def adapter_delta(
-    x: Tensor, u: Tensor, s: Tensor, v: Tensor, scale: float, conv: ConvGeometry | None = None
+    x: Tensor, u: Tensor, s: Tensor, v: Tensor, scale: float, projection: Projection
 ) -> Tensor:
-    """``s · U S Vᵀ`` applied to ``x`` (channels last in the result), whose backward puts
-    ``G_K``, ``G_S``, ``G_L`` into the gradients of ``u``, ``s`` and ``v``."""
-    return _AdapterFunction.apply(x, u, s, v, scale, conv)
+    """``s · U S Vᵀ`` applied to ``x`` through ``projection`` (channels last in the result),
+    whose backward puts ``G_K``, ``G_S``, ``G_L`` into the gradients of ``u``, ``s`` and ``v``."""
+    return _AdapterFunction.apply(x, u, s, v, scale, projection)
+
+
+class _EffectiveWeight(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, w0, u, s, v, scale):  # noqa: D401 - autograd signature
+        with _no_autocast(w0.device.type):
+            ctx.save_for_backward(u, s, v)
+            ctx.scale, ctx.dtype = scale, w0.dtype
+            return w0 + ((u @ s) @ v.t() * scale).to(w0.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_w):
+        u, s, v = ctx.saved_tensors
+        scale = ctx.scale
+        with _no_autocast(grad_w.device.type):
+            g = grad_w.to(u.dtype)
+            g_v = g @ v
+            grad_k = g_v * scale if ctx.needs_input_grad[1] else None
+            grad_s = u.t() @ g_v * scale if ctx.needs_input_grad[2] else None
+            grad_l = g.t() @ u * scale if ctx.needs_input_grad[3] else None
+        grad_w0 = grad_w if ctx.needs_input_grad[0] else None
+        return grad_w0, grad_k, grad_s, grad_l, None
+
+
+def effective_weight(w0: Tensor, u: Tensor, s: Tensor, v: Tensor, scale: float) -> Tensor:
+    """``W0 + s · U S Vᵀ`` (out × in, dtype of ``w0``) whose backward puts ``G_K``, ``G_S``,
+    ``G_L`` of the weight gradient into the gradients of ``u``, ``s`` and ``v`` (module doc)."""
+    return _EffectiveWeight.apply(w0, u, s, v, scale)

@@ -1,30 +1,43 @@
 """Base update rules for the factors (spec §4) and the transport of their state to a new basis.
 
 The integrator needs, per adapter, update directions ``D_K``, ``D_L``, ``D_S`` for
-``K = U S`` (n × r), ``L = V Sᵀ`` (m × r) and ``S`` (r × r), given their gradients ``G_*``:
+``K = U S`` (n × r), ``L = V Sᵀ`` (m × r) and ``S`` (r × r), given their gradients ``G_*``.
+One small class per rule, registered in :data:`BASE_RULES`:
 
+* ``riemannian_adam`` (the default): ``M ← β₁M + (1−β₁)G`` for the three blocks and one scalar
+  per adapter ``q ← β₂q + (1−β₂)·mean(G∘G)`` over all of ``G_K, G_L, G_S`` (the squared norm of
+  the tangent vector per entry), ``D = (M / (1−β₁ᵗ)) / (sqrt(q / (1−β₂ᵗ)) + ε)``. This is Adam on
+  the product manifold of each adapter as in Bécigneul & Ganea (ICLR 2019, "Riemannian adaptive
+  optimization methods"): the second moment is a scalar per manifold, so the direction is the
+  momentum-averaged tangent gradient times one number. Its rank decisions are those of the
+  gradient itself (rotation-invariant: they do not depend on the bases' coordinates), the step of
+  each entry is of order λ whatever the gradient's scale (as with Adam), and every piece of
+  state transports exactly.
+* ``adam``: per-coordinate Adam, ``Q ← β₂Q + (1−β₂)G∘G``, ``D = M̂ / (sqrt(Q̂) + ε)``. Its
+  per-coordinate normalisation gives every coordinate of ``D_K``, ``D_L`` a step of order λ,
+  including directions with no gradient behind them, which inflates ranks (docs/algorithm.md §8).
 * ``sgd``: ``D = G``, or with momentum ``μ``: ``B ← μ B + G``, ``D = B`` (the paper's form).
-* ``adam``: ``M ← β₁M + (1−β₁)G``, ``Q ← β₂Q + (1−β₂)G∘G``,
-  ``D = (M / (1−β₁ᵗ)) / (sqrt(Q / (1−β₂ᵗ)) + ε)``, with ``t`` the adapter's own step count.
 
-State lives in fixed-size tensors (rank ``r_max``) of which the leading ``r`` columns are active.
-The rules are elementwise, so they run on *blocks*: the ``K``-, ``L``- and ``S``-parts of an
-adapter stacked along rows, (n + m + r) × r, and a batch of adapters stacked along dim 0
-(:func:`split_block` takes them apart). After the step moves the basis, each state is rewritten
-in the new coordinates with the maps ``C_u``, ``C_v`` (r₁ × r, from
-:func:`geolora.integrator.coordinate_change`). Columns of K are indexed by the V-side basis and
-columns of L by the U-side basis, so
+``t`` is the adapter's own step count. Block state lives in fixed-size tensors (rank ``r_max``)
+of which the leading ``r`` columns are active. The rules are elementwise on *blocks*: the ``K``-,
+``L``- and ``S``-parts of an adapter stacked along rows, (n + m + r) × r, and a batch of adapters
+stacked along dim 0 (:func:`split_block` takes them apart); scalar state is stacked as (B, 1, 1).
+After the step moves the basis, each block state is rewritten in the new coordinates with the maps
+``C_u``, ``C_v`` (r₁ × r, from :func:`geolora.integrator.coordinate_change`). Columns of K are
+indexed by the V-side basis and columns of L by the U-side basis, so
 
     M_K ← M_K C_vᵀ,   M_L ← M_L C_uᵀ,   M_S ← C_u M_S C_vᵀ          (first moments: exact)
 
-Second moments are not rotation-invariant. We transport them as variances of independent
-coordinates, ``Q_K ← Q_K (C_v∘C_v)ᵀ`` (and alike), which stays non-negative and never cancels
-to zero. A brand-new direction (a row of ``C`` with squared norm ``w < 1``) has no history: the
-missing share ``1 − w`` is filled with the mean second moment of the same row of the old state,
-so that new directions start at the typical step size instead of an unbounded one.
+Scalar second moments are invariant. Per-coordinate second moments are not rotation-invariant:
+``adam`` transports them as variances of independent coordinates, ``Q_K ← Q_K (C_v∘C_v)ᵀ`` (and
+alike), which stays non-negative and never cancels to zero; a brand-new direction (a row of ``C``
+with squared norm ``w < 1``) has no history, and the missing share ``1 − w`` is filled with the
+mean second moment of the same row of the old state.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -32,34 +45,26 @@ from torch import Tensor
 __all__ = [
     "BASE_RULES",
     "MOMENT_KEYS",
-    "directions",
-    "init_state",
-    "moment_kinds",
+    "SCALAR_KEYS",
+    "BaseRule",
+    "get_base_rule",
     "split_block",
-    "transport",
 ]
 
-BASE_RULES = ("sgd", "adam")
 MOMENT_KEYS = {"first": ("K", "L", "S"), "second": ("K_sq", "L_sq", "S_sq")}
-"""State keys of each kind of moment, in block order; the first letter gives the shape:
+"""State keys of each kind of block moment, in block order; the first letter gives the shape:
 ``K`` n × r_max, ``L`` m × r_max, ``S`` r_max × r_max."""
+SCALAR_KEYS = {"scalar_second": "sq"}
+"""State key of each kind of per-adapter scalar moment (a 0-d tensor)."""
 
 
-def moment_kinds(base_rule: str, momentum: float) -> tuple[str, ...]:
-    """The kinds of moments (keys of :data:`MOMENT_KEYS`) a base rule keeps."""
-    if base_rule == "adam":
-        return ("first", "second")
-    return ("first",) if momentum > 0 else ()
+@dataclass(frozen=True)
+class Hyper:
+    """The constants a rule may use."""
 
-
-def init_state(n: int, m: int, r_max: int, base_rule: str, momentum: float, like: Tensor) -> dict:
-    """Zero state for one adapter (full ``r_max`` size) and its step counter ``"step"``."""
-    state: dict = {"step": torch.zeros((), dtype=torch.float32)}
-    rows = {"K": n, "L": m, "S": r_max}
-    for kind in moment_kinds(base_rule, momentum):
-        for key in MOMENT_KEYS[kind]:
-            state[key] = like.new_zeros(rows[key[0]], r_max)
-    return state
+    momentum: float
+    betas: tuple[float, float]
+    eps: float
 
 
 def split_block(block: Tensor, n: int, m: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -69,48 +74,85 @@ def split_block(block: Tensor, n: int, m: int) -> tuple[Tensor, Tensor, Tensor]:
     return block[..., :n, :], block[..., n : n + m, :], block[..., n + m : n + m + r, :]
 
 
-def directions(
-    moments: dict[str, Tensor],
-    grad: Tensor,
-    steps: Tensor,
-    base_rule: str,
-    momentum: float,
-    betas: tuple[float, float],
-    eps: float,
-) -> tuple[dict[str, Tensor], Tensor]:
-    """Directions for the stacked gradient blocks ``grad`` (B, rows, r) and the moments of the
-    same shape (``{kind: block}`` for :func:`moment_kinds`); ``steps`` (B,) are the adapters'
-    step counts including this step. Returns ``(updated moments, directions)``; nothing is
-    changed in place. Zero rows (of gradient and moments) give zero directions."""
-    if base_rule == "sgd":
-        if momentum == 0:
-            return {}, grad
-        first = moments["first"] * momentum + grad
-        return {"first": first}, first
-    beta1, beta2 = betas
+def _bias_corrections(steps: Tensor, betas: tuple[float, float], like: Tensor):
     t = steps.to(torch.float64).view(-1, 1, 1)
-    c1 = (1 - beta1**t).to(grad, non_blocking=True)
-    c2 = (1 - beta2**t).to(grad, non_blocking=True)
-    first = moments["first"].lerp(grad, 1 - beta1)
-    second = torch.addcmul(moments["second"] * beta2, grad, grad, value=1 - beta2)
-    return {"first": first, "second": second}, (first / c1) / ((second / c2).sqrt() + eps)
+    return ((1 - b**t).to(like, non_blocking=True) for b in betas)
 
 
-def transport(
-    moments: dict[str, Tensor], n: int, m: int, c_u: Tensor, c_v: Tensor, live: Tensor
-) -> dict[str, Tensor]:
-    """The stacked active moment blocks (B, n + m + r, r) rewritten in the new bases: state
-    tensors ``{key: (B, rows, k)}`` for the ``k`` rows of ``c_u``, ``c_v`` (B, k, r). Rows of
-    ``C`` beyond an adapter's new rank ``r₁`` are zero and ``live`` (B, k) is 1 on the rows below
-    ``r₁``, 0 beyond, so that every entry beyond ``r₁`` is zero. With ``w = min(rowsum(C∘C), 1)``
-    the second-moment fill (see the module docstring) is ``mean_row(Q_K) (live − w_v)ᵀ`` for
-    ``K`` (``L`` alike) and ``mean(Q_S) (live liveᵀ − w_u w_vᵀ)`` for ``S``."""
-    out = {}
+def _rotate_first(first: Tensor, n: int, m: int, c_u: Tensor, c_v: Tensor) -> dict:
+    k, l, s = split_block(first, n, m)
     c_ut, c_vt = c_u.transpose(-1, -2), c_v.transpose(-1, -2)
-    if "first" in moments:
-        k, l, s = split_block(moments["first"], n, m)
-        out.update(K=k @ c_vt, L=l @ c_ut, S=c_u @ s @ c_vt)
-    if "second" in moments:
+    return {"K": k @ c_vt, "L": l @ c_ut, "S": c_u @ s @ c_vt}
+
+
+class BaseRule:
+    """A base rule: which moments it keeps, its directions and the transport of its state."""
+
+    def kinds(self, hyper: Hyper) -> tuple[str, ...]:
+        """Kinds of state kept (keys of :data:`MOMENT_KEYS` or :data:`SCALAR_KEYS`)."""
+        raise NotImplementedError
+
+    def directions(
+        self, moments: dict[str, Tensor], grad: Tensor, steps: Tensor, hyper: Hyper
+    ) -> tuple[dict[str, Tensor], Tensor]:
+        """Directions for the stacked gradient blocks ``grad`` (B, rows, r) and the stacked
+        moments (``{kind: tensor}``); ``steps`` (B,) are the adapters' step counts including this
+        step. Returns ``(updated moments, directions)``; nothing is changed in place."""
+        raise NotImplementedError
+
+    def transport(
+        self, moments: dict[str, Tensor], n: int, m: int, c_u: Tensor, c_v: Tensor, live: Tensor
+    ) -> dict[str, Tensor]:
+        """The updated moments rewritten in the new bases, ``{state key: stacked tensor}``:
+        blocks (B, rows, k) for the ``k`` rows of ``c_u``, ``c_v`` (B, k, r), zero beyond each
+        adapter's new rank (``live`` (B, k) is 1 below it, 0 beyond); scalars (B, 1, 1)."""
+        out = {}
+        if "first" in moments:
+            out.update(_rotate_first(moments["first"], n, m, c_u, c_v))
+        return out
+
+    def init_state(self, n: int, m: int, r_max: int, hyper: Hyper, like: Tensor) -> dict:
+        """Zero state for one adapter (full ``r_max`` size) and its step counter ``"step"``."""
+        state: dict = {"step": torch.zeros((), dtype=torch.float32)}
+        rows = {"K": n, "L": m, "S": r_max}
+        for kind in self.kinds(hyper):
+            if kind in SCALAR_KEYS:
+                state[SCALAR_KEYS[kind]] = like.new_zeros(())
+            else:
+                for key in MOMENT_KEYS[kind]:
+                    state[key] = like.new_zeros(rows[key[0]], r_max)
+        return state
+
+
+class SGD(BaseRule):
+    """``D = G`` or, with momentum ``μ``, ``B ← μB + G``, ``D = B``."""
+
+    def kinds(self, hyper: Hyper) -> tuple[str, ...]:
+        return ("first",) if hyper.momentum > 0 else ()
+
+    def directions(self, moments, grad, steps, hyper):
+        if hyper.momentum == 0:
+            return {}, grad
+        first = moments["first"] * hyper.momentum + grad
+        return {"first": first}, first
+
+
+class Adam(BaseRule):
+    """Per-coordinate Adam directions (see the module docstring)."""
+
+    def kinds(self, hyper: Hyper) -> tuple[str, ...]:
+        return ("first", "second")
+
+    def directions(self, moments, grad, steps, hyper):
+        beta1, beta2 = hyper.betas
+        c1, c2 = _bias_corrections(steps, hyper.betas, grad)
+        first = moments["first"].lerp(grad, 1 - beta1)
+        second = torch.addcmul(moments["second"] * beta2, grad, grad, value=1 - beta2)
+        d = (first / c1) / ((second / c2).sqrt() + hyper.eps)
+        return {"first": first, "second": second}, d
+
+    def transport(self, moments, n, m, c_u, c_v, live):
+        out = super().transport(moments, n, m, c_u, c_v, live)
         k, l, s = split_block(moments["second"], n, m)
         cu2, cv2 = c_u.square(), c_v.square()
         w_u, w_v = cu2.sum(-1).clamp(max=1), cv2.sum(-1).clamp(max=1)
@@ -120,10 +162,46 @@ def transport(
         missing_s = (both - w_u.unsqueeze(-1) * w_v.unsqueeze(-2)).clamp(min=0)
         moved_s = cu2 @ s @ cv2.transpose(-1, -2)
         out["S_sq"] = moved_s + s.mean(dim=(-2, -1), keepdim=True) * missing_s
-    return out
+        return out
+
+
+class RiemannianAdam(BaseRule):
+    """Adam with one scalar second moment per adapter (see the module docstring)."""
+
+    def kinds(self, hyper: Hyper) -> tuple[str, ...]:
+        return ("first", "scalar_second")
+
+    def directions(self, moments, grad, steps, hyper):
+        beta1, beta2 = hyper.betas
+        c1, c2 = _bias_corrections(steps, hyper.betas, grad)
+        first = moments["first"].lerp(grad, 1 - beta1)
+        mean_sq = grad.square().mean(dim=(-2, -1), keepdim=True)
+        second = moments["scalar_second"].lerp(mean_sq, 1 - beta2)
+        d = (first / c1) / ((second / c2).sqrt() + hyper.eps)
+        return {"first": first, "scalar_second": second}, d
+
+    def transport(self, moments, n, m, c_u, c_v, live):
+        out = super().transport(moments, n, m, c_u, c_v, live)
+        out[SCALAR_KEYS["scalar_second"]] = moments["scalar_second"]
+        return out
 
 
 def _fill_new(old_sq: Tensor, moved: Tensor, missing: Tensor) -> Tensor:
     """``moved`` plus the row means of ``old_sq`` (B, a, r) times the missing share (B, k) of
     each new column."""
     return moved + old_sq.mean(dim=-1, keepdim=True) * missing.unsqueeze(-2)
+
+
+BASE_RULES: dict[str, BaseRule] = {
+    "riemannian_adam": RiemannianAdam(),
+    "adam": Adam(),
+    "sgd": SGD(),
+}
+"""The registered rules by name; the first is the default."""
+
+
+def get_base_rule(name: str) -> BaseRule:
+    """The rule registered as ``name``, or a ValueError listing the known ones."""
+    if name not in BASE_RULES:
+        raise ValueError(f"base_rule must be one of {tuple(BASE_RULES)}, got {name!r}.")
+    return BASE_RULES[name]

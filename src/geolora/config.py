@@ -14,6 +14,14 @@ from typing import Any, Literal
 __all__ = ["GeoLoRAConfig"]
 
 TRUNCATION_MODES = ("local", "global")
+TASK_TYPES = (
+    "SEQ_CLS",
+    "SEQ_2_SEQ_LM",
+    "CAUSAL_LM",
+    "TOKEN_CLS",
+    "QUESTION_ANS",
+    "FEATURE_EXTRACTION",
+)
 BUDGET_UNITS = ("rank", "params")
 
 
@@ -29,18 +37,26 @@ class GeoLoRAConfig:
         r_min: smallest rank an adapter may shrink to (at least 1, so a layer can always grow).
         tau: relative truncation tolerance ``τ ∈ [0, 1)``: the singular values dropped at each step
             have joint norm at most ``τ`` times the norm of all of them.
+        rank_margin: growth margin ``ρ``: each layer keeps ``⌈ρ·r_τ⌉`` singular triplets beyond
+            the ``r_τ`` that ``τ`` asks for, so that new directions can build up over steps
+            (docs/algorithm.md §8; 0 disables growth once the leading directions are fitted).
         truncation: ``"local"`` (τ per layer, the paper's default) or ``"global"`` (one τ over the
             singular values of all layers).
         budget: if set, an exact global budget replaces ``τ``: keep the largest singular values
             network-wide whose total cost fits; ``budget_unit`` says what is counted.
         budget_unit: ``"rank"`` (each kept value costs 1) or ``"params"`` (``n + m + 1``).
-        lora_alpha: the adapter scale is ``s = lora_alpha / r`` (or ``/ sqrt(r)`` with
-            ``use_rslora``), fixed at injection: later rank changes never rescale the adapter.
+        lora_alpha: ``None`` (the default) gives the adapter scale ``s = 1``, whatever ``r``;
+            a number gives peft's ``s = lora_alpha / r`` (or ``/ sqrt(r)`` with ``use_rslora``),
+            which makes the effective learning rate depend on the initial rank. Fixed at
+            injection: later rank changes never rescale the adapter.
         lora_dropout: dropout on the adapter's input.
         modules_to_save: modules trained in full (for example a classifier head).
         exclude_modules: names (suffix match) never adapted, even if ``target_modules`` matches.
         warmup_steps: no truncation (beyond ``r_max``) during the first steps.
         freeze_ranks_after: after this many steps, ranks stay fixed (the bases still move).
+        task_type: peft's task type (``"SEQ_CLS"``, ``"CAUSAL_LM"``, … or a ``peft.TaskType``),
+            recorded in peft exports so that ``AutoPeftModelFor<Task>`` loads them; default: read
+            off the model's class name at export.
     """
 
     target_modules: list[str] | str | None = None
@@ -48,19 +64,28 @@ class GeoLoRAConfig:
     r_max: int = 32
     r_min: int = 1
     tau: float = 0.1
+    rank_margin: float = 0.1
     truncation: Literal["local", "global"] = "local"
     budget: int | None = None
     budget_unit: Literal["rank", "params"] = "rank"
-    lora_alpha: float = 16.0
+    lora_alpha: float | None = None
     lora_dropout: float = 0.0
     use_rslora: bool = False
     modules_to_save: list[str] | None = None
     exclude_modules: list[str] | None = None
     warmup_steps: int = 0
     freeze_ranks_after: int | None = None
+    task_type: str | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        if self.task_type is not None:
+            self.task_type = str(getattr(self.task_type, "value", self.task_type))
+            if self.task_type not in TASK_TYPES:
+                raise ValueError(
+                    f"task_type must be one of {TASK_TYPES} (peft's TaskType) or None, got "
+                    f"{self.task_type!r}."
+                )
         if isinstance(self.target_modules, (tuple, set)):
             self.target_modules = sorted(self.target_modules)
         if self.target_modules is None or (
@@ -82,6 +107,8 @@ class GeoLoRAConfig:
             raise ValueError(f"r_min={self.r_min} is larger than r={self.r}: lower r_min.")
         if not (isinstance(self.tau, (int, float)) and 0.0 <= self.tau < 1.0):
             raise ValueError(f"tau must lie in [0, 1), got {self.tau!r}; the paper uses 0.05-0.3.")
+        if not (isinstance(self.rank_margin, (int, float)) and 0.0 <= self.rank_margin <= 1.0):
+            raise ValueError(f"rank_margin must lie in [0, 1], got {self.rank_margin!r}.")
         if self.truncation not in TRUNCATION_MODES:
             raise ValueError(
                 f"truncation must be one of {TRUNCATION_MODES}, got {self.truncation!r}."
@@ -92,6 +119,12 @@ class GeoLoRAConfig:
             )
         if self.budget is not None and (not isinstance(self.budget, int) or self.budget < 1):
             raise ValueError(f"budget must be a positive integer or None, got {self.budget!r}.")
+        if self.lora_alpha is not None and not (
+            isinstance(self.lora_alpha, (int, float)) and self.lora_alpha > 0
+        ):
+            raise ValueError(
+                f"lora_alpha must be a positive number or None, got {self.lora_alpha!r}."
+            )
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError(f"lora_dropout must lie in [0, 1), got {self.lora_dropout!r}.")
         if self.warmup_steps < 0:
@@ -102,6 +135,8 @@ class GeoLoRAConfig:
     @property
     def scale(self) -> float:
         """The fixed adapter scale ``s``."""
+        if self.lora_alpha is None:
+            return 1.0
         denominator = math.sqrt(self.r) if self.use_rslora else self.r
         return self.lora_alpha / denominator
 

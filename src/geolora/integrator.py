@@ -33,7 +33,6 @@ __all__ = [
     "augment_basis",
     "augmented_coefficients",
     "coordinate_change",
-    "truncate",
 ]
 
 
@@ -50,29 +49,18 @@ class AugmentedBasis:
     r22: Tensor
 
 
-def augment_basis(old: Tensor, direction: Tensor, n_new: int) -> AugmentedBasis:
-    """Augment an orthonormal basis ``old`` (…, n, r) by at most ``n_new`` directions of
-    ``direction`` (…, n, r) that lie outside its span: ``[old | D] = Q R``.
+def augment_basis(old: Tensor, direction: Tensor) -> AugmentedBasis:
+    """Augment an orthonormal basis ``old`` (…, n, r) by the directions of ``direction``
+    (…, n, r) that lie outside its span: ``[old | D] = Q R``, ``k = min(r, n − r)`` new columns.
 
-    ``n_new`` is capped at ``n − r``. When fewer new directions are allowed than ``D`` has
-    (``n_new < r``, the ``r_max`` cap), the kept ones are the ``n_new`` leading left singular
-    vectors of the projected direction ``(I − old oldᵀ) D``: the subspace that carries most of
-    the update outside span(old).
+    The augmentation is never capped at ``r_max``: a layer at ``r_max`` still sees ``r`` new
+    directions, so its bases keep rotating; the truncation caps the rank afterwards (spec §2
+    allows either; a cap here would freeze the bases of every layer that reaches ``r_max``).
     """
     r = old.shape[-1]
-    n = old.shape[-2]
-    k_full = min(r, n - r)
-    n_new = max(0, min(n_new, k_full))
+    k = min(r, old.shape[-2] - r)
     q, rr = torch.linalg.qr(torch.cat([old, direction], dim=-1), mode="reduced")
-    r11 = rr[..., :r, :r]
-    q2 = q[..., :, r : r + k_full]
-    r22 = rr[..., r : r + k_full, r:]
-    if n_new < k_full:
-        lead, _, _ = torch.linalg.svd(r22, full_matrices=False)
-        lead = lead[..., :, :n_new]
-        q2 = q2 @ lead
-        r22 = lead.transpose(-1, -2) @ r22
-    return AugmentedBasis(torch.cat([q[..., :, :r], q2], dim=-1), r11, r22)
+    return AugmentedBasis(q[..., :, : r + k], rr[..., :r, :r], rr[..., r : r + k, r:])
 
 
 def augmented_coefficients(
@@ -88,19 +76,6 @@ def augmented_coefficients(
     top = torch.cat([top_left, top_right], dim=-1)
     bottom = torch.cat([bottom_left, zeros], dim=-1)
     return torch.cat([top, bottom], dim=-2)
-
-
-def truncate(
-    u_basis: Tensor, v_basis: Tensor, p: Tensor, sigma: Tensor, qh: Tensor, rank: int
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Truncate ``Û Ŝ V̂ᵀ`` to ``rank`` given the SVD ``Ŝ = P diag(σ) Qᵀ`` (``qh = Qᵀ``).
-
-    Returns ``(U, σ, V, P₁, Q₁)`` with ``U = Û P₁``, ``V = V̂ Q₁``, ``P₁ = P[:, :rank]``,
-    ``Q₁ = Q[:, :rank]`` and ``σ`` the kept singular values; ``P₁``, ``Q₁`` serve to transport
-    optimizer state (:func:`coordinate_change`)."""
-    p1 = p[..., :, :rank]
-    q1 = qh[..., :rank, :].transpose(-1, -2)
-    return u_basis @ p1, sigma[..., :rank], v_basis @ q1, p1, q1
 
 
 def coordinate_change(r11: Tensor, kept: Tensor) -> Tensor:

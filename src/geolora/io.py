@@ -8,11 +8,13 @@ values ``σ = diag(S)[:r]`` (a vector; the r × r matrix if ``S`` is not diagona
 integer rank of every module, ``s``, the library version, the base model's name and the SHA-256 of
 the tensor file (so that damaged tensor data is caught, not only a damaged header).
 
-The save is atomic: both files are written and fsynced in the sibling ``.<name>.geolora-tmp``; then
-the old directory is renamed to ``.<name>.geolora-old``, the new one renamed into place and the old
-one deleted. A crash before the first rename leaves the old adapter untouched; a crash between the
-renames leaves it in the backup, which the next :func:`load_adapter` or :func:`save_adapter`
-restores. Not safe for two processes saving to the same path at once.
+The save is atomic (:mod:`geolora.formats._files`): a crash leaves the previous adapter
+loadable, and the next :func:`load_adapter` or :func:`save_adapter` restores it.
+
+The file names are peft's, so ``adapter_config.json`` carries ``"peft_type":`` :data:`PEFT_TYPE`,
+a value that peft's loaders (``PeftModel.from_pretrained``, ``AutoPeftModel*``, transformers'
+``from_pretrained`` / ``load_adapter``) fail on with a ``KeyError`` that quotes it: it names the
+right call. :func:`export_peft_lora` writes the same adapter in peft's own format.
 """
 
 from __future__ import annotations
@@ -20,8 +22,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -32,14 +32,31 @@ from safetensors.torch import save as save_safetensors
 from torch import Tensor, nn
 
 from .config import GeoLoRAConfig
+from .formats._files import (
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    recover,
+    write_adapter_dir,
+    write_files_into,
+)
+from .layers import kind_of
 from .model import find_target_names, geolora_layers, get_geolora_model, name_matches
 
-__all__ = ["AdapterError", "load_adapter", "save_adapter"]
+__all__ = [
+    "AdapterError",
+    "is_geolora_adapter_dir",
+    "load_adapter",
+    "restore_adapter",
+    "save_adapter",
+]
 
-CONFIG_NAME = "adapter_config.json"
-WEIGHTS_NAME = "adapter_model.safetensors"
 FORMAT = "geolora-adapter"
 FORMAT_VERSION = 1
+PEFT_TYPE = (
+    "GEOLORA: this is a GeoLoRA adapter, not a peft one. Load it with "
+    "geolora.load_adapter(base_model, path); geolora.export_peft_lora(model, path) writes a peft "
+    "LoRA copy"
+)
 
 
 class AdapterError(ValueError):
@@ -73,67 +90,6 @@ def model_name_or_path(model: nn.Module) -> str | None:
     return str(name) if name else None
 
 
-def write_adapter_dir(path: Path, files: dict[str, bytes]) -> Path:
-    """Replace the directory ``path`` by one holding exactly ``files``, atomically (module doc)."""
-    path = Path(path)
-    _recover(path)
-    if path.exists():
-        if not path.is_dir():
-            raise FileExistsError(f"{path} is a file; an adapter is a directory: use another path.")
-        others = sorted(p.name for p in path.iterdir() if p.name not in files)
-        if others:
-            raise FileExistsError(
-                f"{path} holds files other than an adapter's ({others[:5]}); saving replaces the "
-                "whole directory, so choose an empty directory or an earlier adapter directory."
-            )
-    tmp = _sibling(path, "tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    for name, data in files.items():
-        _write(tmp / name, data)
-    _swap_in(tmp, path)
-    return path
-
-
-def _sibling(path: Path, kind: str) -> Path:
-    return path.parent / f".{path.name}.geolora-{kind}"
-
-
-def _write(file: Path, data: bytes) -> None:
-    with open(file, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-
-
-def _swap_in(tmp: Path, path: Path) -> None:
-    if path.exists():
-        backup = _sibling(path, "old")
-        os.replace(path, backup)
-        os.replace(tmp, path)
-        shutil.rmtree(backup)
-    else:
-        os.replace(tmp, path)
-    if os.name == "posix":
-        fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def _recover(path: Path) -> None:
-    """Finish an interrupted swap: restore the backup if ``path`` is gone, else drop it."""
-    backup = _sibling(path, "old")
-    if not backup.exists():
-        return
-    if path.exists():
-        shutil.rmtree(backup)
-    else:
-        os.replace(backup, path)
-
-
 # --- save ----------------------------------------------------------------------------------
 def _tensors(root: nn.Module, config: GeoLoRAConfig) -> dict[str, Tensor]:
     tensors = {}
@@ -155,6 +111,17 @@ def save_adapter(model: nn.Module, path: str | Path, base_model_name: str | None
 
     ``base_model_name`` is recorded (default: ``model.config._name_or_path`` when set).
     """
+    return write_adapter_dir(Path(path), adapter_files(model, base_model_name))
+
+
+def save_adapter_into(model: nn.Module, path: str | Path) -> Path:
+    """Write the adapter files into the directory ``path``, leaving its other files alone (for
+    ``save_pretrained`` and Trainer checkpoints, whose directories hold more)."""
+    return write_files_into(Path(path), adapter_files(model))
+
+
+def adapter_files(model: nn.Module, base_model_name: str | None = None) -> dict[str, bytes]:
+    """The two files of the adapter of ``model``, by name."""
     from . import __version__
 
     root, config = geolora_root(model)
@@ -162,6 +129,7 @@ def save_adapter(model: nn.Module, path: str | Path, base_model_name: str | None
     meta = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
+        "peft_type": PEFT_TYPE,
         "geolora_version": __version__,
         "base_model_name_or_path": base_model_name or model_name_or_path(root),
         "scale": config.scale,
@@ -173,7 +141,7 @@ def save_adapter(model: nn.Module, path: str | Path, base_model_name: str | None
         text = json.dumps(meta, indent=2)
     except TypeError as err:
         raise ValueError(f"GeoLoRAConfig.metadata must be JSON-serialisable: {err}") from err
-    return write_adapter_dir(Path(path), {WEIGHTS_NAME: blob, CONFIG_NAME: text.encode()})
+    return {WEIGHTS_NAME: blob, CONFIG_NAME: text.encode()}
 
 
 # --- load ----------------------------------------------------------------------------------
@@ -188,7 +156,7 @@ def _read_config(path: Path) -> tuple[dict[str, Any], GeoLoRAConfig]:
         meta = json.loads(file.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise AdapterError(f"{file} is not valid JSON ({err}): restore it or save again.") from err
-    if isinstance(meta, dict) and "peft_type" in meta:
+    if isinstance(meta, dict) and meta.get("format") != FORMAT and "peft_type" in meta:
         raise AdapterError(
             f"{file} is a peft adapter, not a GeoLoRA one: load it with peft, or start GeoLoRA "
             "from it with geolora_from_peft(base_model, path)."
@@ -238,12 +206,8 @@ def _read_tensors(path: Path) -> tuple[dict[str, Tensor], str]:
 
 def _weight_shape(module: nn.Module) -> tuple[int, int] | None:
     """``(n, m)`` = (out, in) of the matrix an adapter on ``module`` modifies."""
-    weight = getattr(module, "weight", None)
-    if not isinstance(weight, Tensor) or weight.dim() < 2:
-        return None
-    if type(module).__name__ == "Conv1D":
-        return weight.shape[1], weight.shape[0]
-    return weight.shape[0], weight[0].numel()
+    kind = kind_of(module)
+    return None if kind is None else tuple(kind.matrix_shape(module))
 
 
 def _names(items: set[str]) -> str:
@@ -254,10 +218,12 @@ def _names(items: set[str]) -> str:
 def _validate(
     base: nn.Module, path: Path, meta: dict, config: GeoLoRAConfig, tensors: dict[str, Tensor]
 ) -> None:
-    """Raise AdapterError naming the first mismatch between the files and ``base``."""
+    """Raise AdapterError naming the first mismatch between the files and ``base`` (a base
+    model, or a GeoLoRA model whose adapters the files would overwrite)."""
     ranks: dict[str, int] = meta["ranks"]
+    adapted = geolora_layers(base)
     try:
-        targets = set(find_target_names(base, config))
+        targets = set(adapted) if adapted else set(find_target_names(base, config))
     except ValueError as err:
         raise AdapterError(f"The adapter in {path} does not fit this base model: {err}") from err
     if targets != set(ranks):
@@ -290,7 +256,8 @@ def _validate(
                 f"{tuple(u.shape)}, S {tuple(s.shape)}, V {tuple(v.shape)}: the files in {path} "
                 "do not belong together; restore both from the same save."
             )
-        have = _weight_shape(base.get_submodule(name))
+        module = adapted[name].base_layer if adapted else base.get_submodule(name)
+        have = _weight_shape(module)
         want = (u.shape[0], v.shape[0])
         if have != want:
             raise AdapterError(
@@ -312,6 +279,53 @@ def _validate(
             )
 
 
+def _read_checked(model: nn.Module, path: Path) -> tuple[GeoLoRAConfig, dict[str, Tensor]]:
+    """The config and tensors in ``path``, every check passed against ``model``."""
+    recover(path)
+    if not path.is_dir():
+        raise FileNotFoundError(
+            f"{path} is not a directory: load_adapter reads the directory written by save_adapter."
+        )
+    meta, config = _read_config(path)
+    tensors, digest = _read_tensors(path)
+    _validate(model, path, meta, config, tensors)
+    if digest != meta["weights_sha256"]:
+        raise AdapterError(
+            f"{path / WEIGHTS_NAME} is corrupt: its SHA-256 differs from the one recorded in "
+            f"{CONFIG_NAME}. Restore it from a copy or save again."
+        )
+    return config, tensors
+
+
+def _write_into(model: nn.Module, config: GeoLoRAConfig, tensors: dict[str, Tensor]) -> None:
+    for name, layer in geolora_layers(model).items():
+        kw = {"device": layer.U.device, "dtype": layer.U.dtype}
+        u, s, v = (tensors[f"{name}.{part}"].to(**kw) for part in "USV")
+        layer.set_factors(u, s, v)
+    for name in saved_module_names(model, config):
+        module = model.get_submodule(name)
+        module.load_state_dict({key: tensors[f"{name}.{key}"] for key in module.state_dict()})
+
+
+def is_geolora_adapter_dir(path: str | Path) -> bool:
+    """Whether ``path`` holds a GeoLoRA adapter (by its config's ``format``)."""
+    try:
+        meta = json.loads((Path(path) / CONFIG_NAME).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(meta, dict) and meta.get("format") == FORMAT
+
+
+def restore_adapter(model: nn.Module, path: str | Path) -> nn.Module:
+    """Overwrite the adapters and ``modules_to_save`` of the GeoLoRA ``model`` with those saved
+    in ``path`` (same modules and shapes; checked before anything changes); returns ``model``.
+    Used to resume a Trainer run from its checkpoint directory."""
+    root, _ = geolora_root(model)
+    config, tensors = _read_checked(root, Path(path))
+    _write_into(root, config, tensors)
+    return model
+
+
 def load_adapter(base_model: nn.Module, path: str | Path, is_trainable: bool = False) -> nn.Module:
     """Put the adapter saved in ``path`` on ``base_model`` (in place) and return it.
 
@@ -326,27 +340,9 @@ def load_adapter(base_model: nn.Module, path: str | Path, is_trainable: bool = F
             "base_model already has GeoLoRA adapters: load onto a fresh base model (or use "
             "merge_and_unload first)."
         )
-    _recover(path)
-    if not path.is_dir():
-        raise FileNotFoundError(
-            f"{path} is not a directory: load_adapter reads the directory written by save_adapter."
-        )
-    meta, config = _read_config(path)
-    tensors, digest = _read_tensors(path)
-    _validate(base_model, path, meta, config, tensors)
-    if digest != meta["weights_sha256"]:
-        raise AdapterError(
-            f"{path / WEIGHTS_NAME} is corrupt: its SHA-256 differs from the one recorded in "
-            f"{CONFIG_NAME}. Restore it from a copy or save again."
-        )
+    config, tensors = _read_checked(base_model, path)
     model = get_geolora_model(base_model, config)
-    for name, layer in geolora_layers(model).items():
-        kw = {"device": layer.U.device, "dtype": layer.U.dtype}
-        u, s, v = (tensors[f"{name}.{part}"].to(**kw) for part in "USV")
-        layer.set_factors(u, s, v)
-    for name in saved_module_names(model, config):
-        module = model.get_submodule(name)
-        module.load_state_dict({key: tensors[f"{name}.{key}"] for key in module.state_dict()})
+    _write_into(model, config, tensors)
     if not is_trainable:
         model.eval()
         model.requires_grad_(False)

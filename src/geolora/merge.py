@@ -3,9 +3,9 @@
     merge:    W0 ← W0 + ΔW,    ΔW = s · U S Vᵀ   (out × in)
     unmerge:  W0 ← W0 − ΔW
 
-``ΔW`` is laid out like the base weight: transposed for transformers' ``Conv1D`` (whose weight is
-in × out) and reshaped to ``out × C_in × kh × kw`` for ``Conv2d`` (the columns of ``ΔW`` follow
-the row-major flattening of a kernel). A merged layer is marked ``merged`` and its forward returns
+``ΔW`` is laid out like the base weight by the layer's kind (:meth:`GeoLoRALayer.to_weight_layout`:
+transposed for transformers' ``Conv1D`` and ``nn.Embedding``, reshaped to the kernel for
+convolutions). A merged layer is marked ``merged`` and its forward returns
 the base output alone, so the adapter is never added twice. Merging is for inference: a merged
 adapter receives no gradients, and unmerging after changing the factors would subtract the wrong
 ``ΔW``. In floating point, unmerge restores ``W0`` up to rounding (``W0 + ΔW − ΔW``).
@@ -17,10 +17,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
-from .layers import GeoLoRAConv1D, GeoLoRALayer
+from .layers import GeoLoRALayer
 from .model import geolora_layers
+from .model_methods import detach_model_methods
 
 __all__ = ["disable_adapter", "merge_adapter", "merge_and_unload", "unmerge_adapter"]
 
@@ -32,22 +33,13 @@ def _layers(model: nn.Module) -> dict[str, GeoLoRALayer]:
     return layers
 
 
-def _delta_like_weight(layer: GeoLoRALayer) -> Tensor:
-    """``ΔW`` in the layout and dtype of ``layer.base_layer.weight``."""
-    weight = layer.base_layer.weight
-    delta = layer.delta_weight().detach()
-    if isinstance(layer, GeoLoRAConv1D):
-        delta = delta.t()
-    return delta.reshape(weight.shape).to(weight.dtype)
-
-
 @torch.no_grad()
 def merge_adapter(model: nn.Module) -> None:
     """Add every adapter's ``ΔW`` into its base weight, in place (layers already merged are
     skipped); the model's outputs stay the same."""
     for layer in _layers(model).values():
         if not layer.merged:
-            layer.base_layer.weight.add_(_delta_like_weight(layer))
+            layer.base_layer.weight.add_(layer.delta_like_weight())
             layer.merged = True
 
 
@@ -56,7 +48,7 @@ def unmerge_adapter(model: nn.Module) -> None:
     """Subtract every merged adapter's ``ΔW`` from its base weight again, in place."""
     for layer in _layers(model).values():
         if layer.merged:
-            layer.base_layer.weight.sub_(_delta_like_weight(layer))
+            layer.base_layer.weight.sub_(layer.delta_like_weight())
             layer.merged = False
 
 
@@ -74,6 +66,7 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     for module in model.modules():
         if "geolora_config" in vars(module):
             del module.geolora_config
+            detach_model_methods(module)
     return model
 
 

@@ -9,7 +9,8 @@ from typing import Any
 from torch import nn
 
 from .config import GeoLoRAConfig
-from .layers import GeoLoRALayer, is_factor, wrap_layer
+from .layers import GeoLoRALayer, is_all_linear_candidate, is_factor, is_peft_layer, wrap_layer
+from .model_methods import attach_model_methods
 
 __all__ = [
     "adapter_param_count",
@@ -32,10 +33,6 @@ def _close_names(key: str, names: list[str]) -> list[str]:
         {part for name in names for part in name.split(".") if part and not part.isdigit()}
     )
     return difflib.get_close_matches(key, leaves, n=5, cutoff=0.5)
-
-
-def _linear_like(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
 
 
 def _output_layer_names(model: nn.Module) -> set[str]:
@@ -61,7 +58,12 @@ def find_target_names(model: nn.Module, config: GeoLoRAConfig) -> list[str]:
     if targets == "all-linear":
         modules = dict(model.named_modules())
         skip = _output_layer_names(model)
-        chosen = [n for n in names if _linear_like(modules[n]) and n not in skip and kept(n)]
+
+        def candidate(name: str) -> bool:
+            owner_name, _, child = name.rpartition(".")
+            return is_all_linear_candidate(modules[name], modules[owner_name], child)
+
+        chosen = [n for n in names if candidate(n) and n not in skip and kept(n)]
         if not chosen:
             raise ValueError("target_modules='all-linear' found no nn.Linear or Conv1D layer.")
         return chosen
@@ -89,10 +91,18 @@ def get_geolora_model(model: nn.Module, config: GeoLoRAConfig) -> nn.Module:
 
     The returned model (the same object) has the same forward signature and, at initialisation
     (``S = 0``), exactly the base model's outputs. Modules in ``config.modules_to_save`` are
-    trained in full. The config is kept as ``model.geolora_config``.
+    trained in full. The config is kept as ``model.geolora_config``; the model gains
+    ``print_trainable_parameters()`` and a ``save_pretrained`` that writes the adapter
+    (:mod:`geolora.model_methods`).
     """
     if any(isinstance(m, GeoLoRALayer) for m in model.modules()):
         raise ValueError("This model already has GeoLoRA adapters; load or merge them instead.")
+    if any(is_peft_layer(m) for m in model.modules()):
+        raise TypeError(
+            f"This model ({type(model).__name__}) carries peft adapters. Start GeoLoRA from them "
+            "with geolora.geolora_from_peft(peft_model) (outputs stay equal), or adapt the base "
+            "model (peft_model.unload(), or a freshly loaded one)."
+        )
     targets = find_target_names(model, config)
     for param in model.parameters():
         param.requires_grad_(False)
@@ -102,6 +112,7 @@ def get_geolora_model(model: nn.Module, config: GeoLoRAConfig) -> nn.Module:
         layer = wrap_layer(
             name,
             getattr(parent, child),
+            owner=parent,
             r=config.r,
             r_max=config.r_max,
             r_min=config.r_min,
@@ -120,6 +131,7 @@ def get_geolora_model(model: nn.Module, config: GeoLoRAConfig) -> nn.Module:
         for module in found:
             module.requires_grad_(True)
     model.geolora_config = config
+    attach_model_methods(model)
     return model
 
 

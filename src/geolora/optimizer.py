@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-import weakref
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,8 +28,9 @@ from torch.optim.adamw import adamw
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from . import base_rules, integrator, ranks
-from .base_rules import MOMENT_KEYS, split_block
+from .base_rules import MOMENT_KEYS, SCALAR_KEYS, split_block
 from .config import GeoLoRAConfig
+from .guard import refuse_plain_optimizer
 from .layers import GeoLoRALayer, copy_whole, is_factor, set_stacked_factors, write_leading
 from .model import geolora_layers
 
@@ -54,30 +54,7 @@ class _Bucket:
     qh: Tensor
 
 
-_checked_optimizers: weakref.WeakSet = weakref.WeakSet()
-
-
-def _warn_plain_optimizer(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
-    """Global step pre-hook: an ordinary optimizer about to step GeoLoRA factors would destroy
-    the bases (``U.grad`` holds ``G_K = G V``, not the gradient of ``U``). Checked once per
-    optimizer, so the hook costs one set lookup per step afterwards."""
-    if optimizer in _checked_optimizers:
-        return
-    _checked_optimizers.add(optimizer)
-    if isinstance(optimizer, GeoLoRAOptimizer):
-        return
-    n_factors = sum(is_factor(p) for g in optimizer.param_groups for p in g["params"])
-    if n_factors:
-        warnings.warn(
-            f"{type(optimizer).__name__} is stepping {n_factors} GeoLoRA factor tensors (U, S, V). "
-            "Their .grad fields are not plain gradients, and an ordinary optimizer step corrupts "
-            "the adapters. Use GeoLoRAOptimizer(model, ...) for GeoLoRA models.",
-            RuntimeWarning,
-            stacklevel=3,
-        )
-
-
-register_optimizer_step_pre_hook(_warn_plain_optimizer)
+register_optimizer_step_pre_hook(refuse_plain_optimizer)
 
 
 @contextlib.contextmanager
@@ -115,7 +92,8 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
         model: the GeoLoRA model (or a DDP wrapper of it).
         lr: learning rate ``λ`` of the adapters and (unless ``other_lr``) of the other parameters.
         weight_decay: decoupled weight decay for the adapters and the other parameters.
-        base_rule: ``"adam"`` or ``"sgd"`` directions for the factors (spec §4).
+        base_rule: ``"riemannian_adam"`` (default), ``"adam"`` or ``"sgd"`` directions for the
+            factors (spec §4, :mod:`geolora.base_rules`).
         betas, eps: Adam constants (also for the AdamW step of the other parameters).
         momentum: heavy-ball momentum for ``base_rule="sgd"``.
         other_lr: learning rate of the non-adapter parameters, if different.
@@ -126,16 +104,13 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
         model: nn.Module,
         lr: float = 1e-3,
         weight_decay: float = 0.0,
-        base_rule: str = "adam",
+        base_rule: str = "riemannian_adam",
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
         momentum: float = 0.0,
         other_lr: float | None = None,
     ) -> None:
-        if base_rule not in base_rules.BASE_RULES:
-            raise ValueError(
-                f"base_rule must be one of {base_rules.BASE_RULES}, got {base_rule!r}."
-            )
+        base_rules.get_base_rule(base_rule)
         if lr <= 0 or weight_decay < 0 or not 0 <= momentum < 1:
             raise ValueError(
                 "Need lr > 0, weight_decay >= 0 and 0 <= momentum < 1; "
@@ -246,16 +221,9 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
     def _layer_state(self, layer: GeoLoRALayer, group: dict) -> dict:
         state = self.state[layer.U]
         if not state:
-            state.update(
-                base_rules.init_state(
-                    layer.out_features,
-                    layer.in_features,
-                    layer.r_max,
-                    group["base_rule"],
-                    group["momentum"],
-                    layer.U,
-                )
-            )
+            rule = base_rules.get_base_rule(group["base_rule"])
+            n, m = layer.out_features, layer.in_features
+            state.update(rule.init_state(n, m, layer.r_max, _hyper(group), layer.U))
         return state
 
     def _geometric_step(self, group: dict) -> None:
@@ -275,7 +243,7 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
         ]
         new_ranks = self._choose_ranks(buckets, group["steps"])
         for bucket, ranks_b in zip(buckets, new_ranks):
-            self._truncate(bucket, ranks_b)
+            self._truncate(bucket, ranks_b, group)
         group["steps"] += 1
 
     def _augment(
@@ -286,27 +254,24 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
         as blocks (see :mod:`geolora.base_rules`): one copy each for the whole bucket."""
         lr, decay = group["lr"], 1 - group["lr"] * group["weight_decay"]
         n, m = layers[0].out_features, layers[0].in_features
+        rows = n + m + r
+        rule, hyper = base_rules.get_base_rule(group["base_rule"]), _hyper(group)
         states = [self._layer_state(layer, group) for layer in layers]
         steps = [state["step"] for state in states]
         torch._foreach_add_(steps, 1)
-        moments = {
-            kind: _stack_blocks([st[key] for st in states for key in MOMENT_KEYS[kind]], r)
-            for kind in base_rules.moment_kinds(group["base_rule"], group["momentum"])
-        }
-        grad = _stack_blocks([t.grad for layer in layers for t in _factors(layer)], r)
-        moments, d = base_rules.directions(
-            moments,
-            grad,
-            torch.stack(steps),
-            group["base_rule"],
-            group["momentum"],
-            group["betas"],
-            group["eps"],
-        )
+        moments = {}
+        for kind in rule.kinds(hyper):
+            if kind in SCALAR_KEYS:
+                moments[kind] = torch.stack([st[SCALAR_KEYS[kind]] for st in states]).view(-1, 1, 1)
+            else:
+                blocks = [st[key] for st in states for key in MOMENT_KEYS[kind]]
+                moments[kind] = _stack_blocks(blocks, r)[:, :rows]
+        grad = _stack_blocks([t.grad for layer in layers for t in _factors(layer)], r)[:, :rows]
+        moments, d = rule.directions(moments, grad, torch.stack(steps), hyper)
         u, v, s = split_block(_stack_blocks([t for la in layers for t in _factors(la)], r), n, m)
         d_k, d_l, d_s = split_block(d, n, m)
-        u_aug = integrator.augment_basis(u, d_k, r_max - r)
-        v_aug = integrator.augment_basis(v, d_l, r_max - r)
+        u_aug = integrator.augment_basis(u, d_k)
+        v_aug = integrator.augment_basis(v, d_l)
         s_hat = integrator.augmented_coefficients(decay * s - lr * d_s, u_aug, v_aug, lr)
         p, sigma, qh = torch.linalg.svd(s_hat, full_matrices=False)
         return _Bucket(layers, states, r_max, r_min, moments, u_aug, v_aug, p, sigma, qh)
@@ -319,10 +284,12 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
         sizes = [b.sigma.numel() for b in buckets]
         host = torch.cat([b.sigma.reshape(-1) for b in buckets]).double().cpu().split(sizes)
         host = [h.view_as(b.sigma) for h, b in zip(host, buckets)]
+        current = [[layer.current_rank for layer in b.layers] for b in buckets]
         if step < cfg.warmup_steps or (cfg.budget is None and cfg.truncation == "local"):
             tau = 0.0 if step < cfg.warmup_steps else cfg.tau
             return [
-                ranks.local_ranks(h, tau, b.r_min, b.r_max).tolist() for h, b in zip(host, buckets)
+                ranks.local_ranks(h, tau, b.r_min, b.r_max, cfg.rank_margin, c).tolist()
+                for h, b, c in zip(host, buckets, current)
             ]
         sigmas = [s for h in host for s in h]
         r_min = [b.r_min for b in buckets for _ in b.layers]
@@ -335,31 +302,44 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
             ]
             flat = ranks.budget_ranks(sigmas, cfg.budget, costs, r_min, r_max)
         else:
-            flat = ranks.global_tau_ranks(sigmas, cfg.tau, r_min, r_max)
+            flat_current = [c for cs in current for c in cs]
+            flat = ranks.global_tau_ranks(
+                sigmas, cfg.tau, r_min, r_max, cfg.rank_margin, flat_current
+            )
         it = iter(flat)
         return [[next(it) for _ in b.layers] for b in buckets]
 
-    def _truncate(self, bucket: _Bucket, new_ranks: list[int]) -> None:
+    def _truncate(self, bucket: _Bucket, new_ranks: list[int], group: dict) -> None:
         """Keep each adapter's ``r₁`` leading singular triplets, ``U ← Û P₁``, ``V ← V̂ Q₁``,
         ``S ← diag(σ₁..σ_{r₁})``, and transport the state with ``C = P₁ᵀ [r11; 0]`` (and alike).
-        ``P₁`` and ``Q₁`` are all columns of ``P`` and ``Q`` with those beyond each adapter's
-        ``r₁`` zeroed, so that one batched product serves adapters of different new ranks."""
+        ``P₁`` and ``Q₁`` are the leading ``min(k, r_max)`` columns of ``P`` and ``Q`` with those
+        beyond each adapter's ``r₁`` zeroed, so that one batched product serves adapters of
+        different new ranks."""
         u_basis, v_basis = bucket.u_aug.basis, bucket.v_aug.basis
+        width = min(bucket.r_max, bucket.sigma.shape[-1])
         r_new = torch.tensor(new_ranks).to(u_basis.device, non_blocking=True)
-        keep = torch.arange(bucket.sigma.shape[-1], device=r_new.device) < r_new.unsqueeze(-1)
-        p1 = bucket.p.masked_fill(~keep.unsqueeze(-2), 0)
-        q1 = bucket.qh.transpose(-1, -2).masked_fill(~keep.unsqueeze(-2), 0)
-        s = torch.diag_embed(bucket.sigma.masked_fill(~keep, 0))
+        keep = torch.arange(width, device=r_new.device) < r_new.unsqueeze(-1)
+        p1 = bucket.p[..., :width].masked_fill(~keep.unsqueeze(-2), 0)
+        q1 = bucket.qh[..., :width, :].transpose(-1, -2).masked_fill(~keep.unsqueeze(-2), 0)
+        s = torch.diag_embed(bucket.sigma[..., :width].masked_fill(~keep, 0))
         set_stacked_factors(bucket.layers, u_basis @ p1, s, v_basis @ q1, new_ranks)
         c_u = integrator.coordinate_change(bucket.u_aug.r11, p1)
         c_v = integrator.coordinate_change(bucket.v_aug.r11, q1)
         n, m = u_basis.shape[-2], v_basis.shape[-2]
-        moved = base_rules.transport(bucket.moments, n, m, c_u, c_v, keep.to(u_basis))
+        rule = base_rules.get_base_rule(group["base_rule"])
+        moved = rule.transport(bucket.moments, n, m, c_u, c_v, keep.to(u_basis))
+        scalars = {k: moved.pop(k) for k in list(moved) if k in SCALAR_KEYS.values()}
         write_leading(
             [[state[key] for state in bucket.states] for key in moved], list(moved.values())
         )
+        for key, stacked in scalars.items():
+            torch._foreach_copy_([state[key] for state in bucket.states], list(stacked.view(-1)))
         for state, r in zip(bucket.states, new_ranks):
             state["rank"] = r
+
+
+def _hyper(group: dict) -> base_rules.Hyper:
+    return base_rules.Hyper(group["momentum"], group["betas"], group["eps"])
 
 
 def _factors(layer: GeoLoRALayer) -> tuple[Tensor, Tensor, Tensor]:

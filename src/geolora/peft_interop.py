@@ -1,13 +1,4 @@
-"""Plain peft LoRA adapters from GeoLoRA, and GeoLoRA from peft LoRA adapters (spec §6).
-
-Export: a GeoLoRA layer at rank ``r`` is exactly a LoRA layer of rank ``r``,
-
-    ΔW = s · U S Vᵀ = B A,    B = s · U S  (n × r),    A = Vᵀ  (r × m),
-
-written with ``rank_pattern`` and ``alpha_pattern`` equal to each module's rank, so that peft's
-scale ``lora_alpha / r`` is 1 for every module. For ``Conv2d``, ``A`` is the kernel
-``r × C_in × kh × kw`` and ``B`` the 1 × 1 kernel ``n × r × 1 × 1``, as in peft's LoRA conv. The
-directory is written without peft and loads with ``peft.PeftModel.from_pretrained`` alone.
+"""GeoLoRA from peft LoRA adapters (spec §6); the export lives in :mod:`geolora.formats.peft`.
 
 Import: a peft LoRA layer computes ``ΔW = c · B A`` (``c`` its scaling). With thin QRs
 ``B = Q_B R_B`` and ``Aᵀ = Q_A R_A`` and the SVD ``c · R_B R_Aᵀ = P Σ Qᵀ`` (at most r × r),
@@ -21,29 +12,18 @@ model computed.
 from __future__ import annotations
 
 import dataclasses
-import json
-import re
 from pathlib import Path
 
 import torch
-from safetensors.torch import save as save_safetensors
 from torch import Tensor, nn
 
 from .config import GeoLoRAConfig
-from .io import (
-    CONFIG_NAME,
-    WEIGHTS_NAME,
-    geolora_root,
-    model_name_or_path,
-    saved_module_names,
-    write_adapter_dir,
-)
-from .layers import GeoLoRAConv1D, GeoLoRAConv2d
+from .formats.peft import exact_targets, export_peft_lora
+from .layers import kind_of
 from .model import find_target_names, geolora_layers, get_geolora_model
 
-__all__ = ["export_peft_lora", "geolora_from_peft"]
+__all__ = ["export_peft_lora", "geolora_from_peft"]  # export: geolora.formats.peft
 
-PEFT_PREFIX = "base_model.model."
 _DEFAULT_R_MAX = next(f.default for f in dataclasses.fields(GeoLoRAConfig) if f.name == "r_max")
 # LoraConfig options whose adapters are not a plain ``c · B A`` on the weight.
 _UNSUPPORTED = (
@@ -57,77 +37,6 @@ _UNSUPPORTED = (
 )
 
 
-def exact_targets(model: nn.Module, names: list[str]) -> list[str] | str:
-    """``target_modules`` that select exactly ``names`` under the suffix rule shared by peft and
-    GeoLoRA: the full names, or an exact regular expression when one of them is also the tail of
-    another module's name (as ``"0"`` is of ``"2.0"``)."""
-    chosen = set(names)
-    others = [n for n, _ in model.named_modules() if n and n not in chosen]
-    if any(other.endswith("." + name) for other in others for name in chosen):
-        return "(?:" + "|".join(re.escape(name) for name in sorted(chosen)) + ")"
-    return sorted(chosen)
-
-
-def export_peft_lora(
-    model: nn.Module, path: str | Path, base_model_name: str | None = None
-) -> Path:
-    """Write the GeoLoRA adapters of ``model`` as a plain peft LoRA adapter directory (atomically,
-    like :func:`geolora.save_adapter`); returns ``path``.
-
-    ``base_model_name`` becomes ``base_model_name_or_path`` (default:
-    ``model.config._name_or_path`` when set). Load with
-    ``peft.PeftModel.from_pretrained(base_model, path)``.
-    """
-    root, config = geolora_root(model)
-    layers = geolora_layers(root)
-    tensors: dict[str, Tensor] = {}
-    for name, layer in layers.items():
-        u, s, v = (t.detach() for t in layer.active_factors())
-        b, a = layer.scale * (u @ s), v.t()
-        if isinstance(layer, GeoLoRAConv2d):
-            if layer.geometry.dilation != (1, 1):
-                raise ValueError(
-                    f"Module {name!r} is a Conv2d with dilation {layer.geometry.dilation}; peft's "
-                    "LoRA conv ignores dilation, so it cannot be exported as peft LoRA."
-                )
-            a = layer.geometry.kernel(v, layer.base_layer.in_channels)
-            b = b[:, :, None, None]
-        tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = a
-        tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = b
-    saved = saved_module_names(root, config)
-    for name in saved:
-        for key, value in root.get_submodule(name).state_dict().items():
-            tensors[f"{PEFT_PREFIX}{name}.{key}"] = value.detach()
-    tensors = {k: t.cpu().clone(memory_format=torch.contiguous_format) for k, t in tensors.items()}
-    ranks = {name: layer.current_rank for name, layer in layers.items()}
-    # peft takes the first pattern key that matches a name's tail: longest keys first.
-    pattern = dict(sorted(ranks.items(), key=lambda item: (-len(item[0]), item[0])))
-    top = max(ranks.values())
-    peft_config = {
-        "peft_type": "LORA",
-        "task_type": None,
-        "base_model_name_or_path": base_model_name or model_name_or_path(root),
-        "r": top,
-        "lora_alpha": top,
-        "target_modules": exact_targets(root, list(layers)),
-        "rank_pattern": pattern,
-        "alpha_pattern": pattern,
-        "lora_dropout": config.lora_dropout,
-        "fan_in_fan_out": all(isinstance(layer, GeoLoRAConv1D) for layer in layers.values()),
-        "bias": "none",
-        "use_rslora": False,
-        "use_dora": False,
-        "modules_to_save": saved or None,
-        "init_lora_weights": True,
-        "inference_mode": True,
-    }
-    files = {
-        WEIGHTS_NAME: save_safetensors(tensors, metadata={"format": "pt"}),
-        CONFIG_NAME: json.dumps(peft_config, indent=2).encode(),
-    }
-    return write_adapter_dir(Path(path), files)
-
-
 def _svd_of_product(b: Tensor, a: Tensor, c: float) -> tuple[Tensor, Tensor, Tensor]:
     """``(U, σ, V)`` with ``c · B A = U diag(σ) Vᵀ`` in float64: two thin QRs and a small SVD."""
     q_b, r_b = torch.linalg.qr(b.double())
@@ -136,23 +45,30 @@ def _svd_of_product(b: Tensor, a: Tensor, c: float) -> tuple[Tensor, Tensor, Ten
     return q_b @ p, sigma, q_a @ qh.t()
 
 
+def _peft_tensor(module: nn.Module, name: str, adapter: str) -> Tensor:
+    """The tensor ``name`` (``"lora_A.weight"``, ``"lora_embedding_A"``, …) of ``adapter``."""
+    container, _, attribute = name.partition(".")
+    value = getattr(module, container)[adapter]
+    return (getattr(value, attribute) if attribute else value).detach()
+
+
 def _peft_factors(peft_model: nn.Module, adapter: str) -> dict[str, tuple[Tensor, Tensor, Tensor]]:
     from peft.tuners.lora import LoraLayer
-    from transformers.pytorch_utils import Conv1D
 
     factors = {}
     for name, module in peft_model.get_base_model().named_modules():
-        if not isinstance(module, LoraLayer) or adapter not in module.lora_A:
+        if not isinstance(module, LoraLayer) or adapter not in module.r:
             continue
         base = module.get_base_layer()
-        plain_conv = isinstance(base, nn.Conv2d) and base.groups == 1 and base.dilation == (1, 1)
-        if not (isinstance(base, (nn.Linear, Conv1D)) or plain_conv):
+        kind = kind_of(base)
+        refusal = getattr(kind, "refusal", lambda _: None)(base) if kind else None
+        if kind is None or refusal or any(d != 1 for d in getattr(base, "dilation", (1,))):
             raise TypeError(
-                f"Module {name!r}: its LoRA sits on a {type(base).__name__}; GeoLoRA starts from "
-                "LoRA on nn.Linear, Conv1D and Conv2d (groups=1, dilation=1) only."
+                f"Module {name!r}: its LoRA sits on a {type(base).__name__} "
+                f"{'(' + refusal + ')' if refusal else ''}that GeoLoRA cannot adapt like peft "
+                "does (convolutions: groups=1, dilation=1)."
             )
-        a = module.lora_A[adapter].weight.detach()
-        b = module.lora_B[adapter].weight.detach()
+        a, b = (_peft_tensor(module, part, adapter) for part in kind.peft_names)
         c = float(module.scaling[adapter])
         factors[name] = _svd_of_product(b.reshape(b.shape[0], -1), a.reshape(a.shape[0], -1), c)
     if not factors:

@@ -1,14 +1,29 @@
 """Rank selection after the augmented SVD (spec §2 step 4 and §3), as pure functions.
 
 Every rule sees the singular values ``σ`` of each layer's augmented coefficient matrix, sorted
-descending, and returns how many to keep.
+descending, and returns how many to keep (the leading ones), clipped to ``[r_min, r_max]``.
 
-* Local (the paper's default): per layer, the smallest ``r₁`` with
-  ``‖(σ_{r₁+1}, …)‖₂ ≤ τ‖σ‖₂``, clipped to ``[r_min, r_max]``.
-* Global τ: the same criterion over the singular values of all layers together.
+* Local (the default): per layer, ``r_τ`` = the smallest ``j`` with
+  ``‖(σ_{j+1}, …)‖₂ ≤ τ‖σ‖₂`` (the paper's relative tolerance), plus a growth margin of
+  ``⌈ρ·r_τ⌉`` further triplets (``ρ`` = ``GeoLoRAConfig.rank_margin``). Why the margin: on the
+  manifold of rank-``r`` matrices a direction that is not yet in the bases enters ``Ŝ`` only at
+  second order. With ``S`` diagonal and large, ``Ŝ = [[S₁, a], [b, 0]]`` (``a``, ``b`` of order
+  ``λ‖G‖``) has its ``r`` large singular values near ``S₁``'s and the others near those of the
+  Schur complement ``b S₁⁻¹ a``, of order ``λ²‖G‖²/σ``; the first-order effect of ``a``, ``b`` is
+  to rotate the fitted directions. So once the leading directions are fitted, a new direction
+  must beat ``τ‖σ‖`` with a second-order singular value and the rank stalls, for every ``λ`` and
+  base rule. A kept triplet, in contrast, gets the first-order coefficient gradient ``uᵀ G v`` at
+  the next step: the margin triplets grow step after step when the gradient keeps feeding them,
+  pass the relative test, and the margin moves on to the next ones; those the gradient does not
+  feed stay tiny and are replaced. The cost is ``⌈ρ r_τ⌉`` extra columns per layer.
+* Global τ: the relative test over the singular values of all layers together, plus the same
+  per-layer margin.
 * Budget: keep the largest singular values network-wide while their total cost fits the budget,
   each layer keeping at least ``r_min`` (a cost of 1 per value gives a total-rank budget; a cost
-  of ``n + m + 1`` gives a parameter budget).
+  of ``n + m + 1`` gives a parameter budget). No margin: the budget is exact.
+
+A step that is zero altogether (``σ = 0``: no gradient and no coefficients yet) keeps the
+layer's current rank: there is nothing to decide from.
 """
 
 from __future__ import annotations
@@ -18,7 +33,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["budget_ranks", "global_tau_ranks", "local_ranks"]
+__all__ = ["budget_ranks", "global_tau_ranks", "local_ranks", "with_margin"]
 
 
 def _tail_norms(sigma: Tensor) -> Tensor:
@@ -26,31 +41,47 @@ def _tail_norms(sigma: Tensor) -> Tensor:
     return sigma.square().flip(-1).cumsum(-1).flip(-1).sqrt()
 
 
-def local_ranks(sigma: Tensor, tau: float, r_min: int, r_max: int) -> Tensor:
-    """Ranks (…,) by the relative tolerance ``τ`` for singular values ``sigma`` (…, k)."""
-    threshold = tau * sigma.norm(dim=-1, keepdim=True)
-    keep = (_tail_norms(sigma) > threshold).sum(-1)
+def with_margin(
+    r_tau: Tensor, sigma: Tensor, margin: float, r_min: int, r_max: int, current: Tensor
+) -> Tensor:
+    """``clip(r_τ + ⌈ρ r_τ⌉, r_min, r_max)`` counting only non-zero ``σ`` (…, k), or ``current``
+    where all of a layer's ``σ`` vanish."""
+    nonzero = (sigma > 0).sum(-1)
+    keep = torch.minimum(r_tau + torch.ceil(margin * r_tau).long(), nonzero)
+    keep = torch.where(nonzero == 0, current, keep)
     return keep.clamp(min=r_min, max=min(r_max, sigma.shape[-1]))
 
 
-def _clip(
-    keep: Sequence[int], sigmas: Sequence[Tensor], r_min: Sequence[int], r_max: Sequence[int]
-):
-    return [max(lo, min(int(k), hi, s.numel())) for k, s, lo, hi in zip(keep, sigmas, r_min, r_max)]
+def local_ranks(
+    sigma: Tensor, tau: float, r_min: int, r_max: int, margin: float = 0.0, current=None
+) -> Tensor:
+    """Ranks (…,) by the relative tolerance ``τ`` plus the growth margin for ``sigma`` (…, k);
+    ``current`` (…,) ranks are kept where ``σ = 0`` (default ``r_min``)."""
+    r_tau = (_tail_norms(sigma) > tau * sigma.norm(dim=-1, keepdim=True)).sum(-1)
+    if current is None:
+        current = torch.full_like(r_tau, r_min)
+    return with_margin(r_tau, sigma, margin, r_min, r_max, torch.as_tensor(current))
 
 
 def global_tau_ranks(
-    sigmas: Sequence[Tensor], tau: float, r_min: Sequence[int], r_max: Sequence[int]
+    sigmas: Sequence[Tensor],
+    tau: float,
+    r_min: Sequence[int],
+    r_max: Sequence[int],
+    margin: float = 0.0,
+    current: Sequence[int] | None = None,
 ) -> list[int]:
     """One relative tolerance over all layers: drop the smallest singular values network-wide
-    whose joint norm stays below ``τ ‖σ_all‖₂``."""
+    whose joint norm stays below ``τ ‖σ_all‖₂``; then each layer's margin."""
     flat = torch.cat([s.reshape(-1) for s in sigmas])
     ordered = flat.sort(descending=True).values
     n_keep = int((_tail_norms(ordered) > tau * ordered.norm()).sum())
-    if n_keep == 0:
-        return _clip([0] * len(sigmas), sigmas, r_min, r_max)
-    cutoff = ordered[n_keep - 1]
-    return _clip([int((s >= cutoff).sum()) for s in sigmas], sigmas, r_min, r_max)
+    cutoff = ordered[n_keep - 1] if n_keep else ordered.new_tensor(float("inf"))
+    current = list(r_min) if current is None else current
+    return [
+        int(with_margin((s >= cutoff).sum(), s, margin, lo, hi, torch.tensor(c)))
+        for s, lo, hi, c in zip(sigmas, r_min, r_max, current)
+    ]
 
 
 def budget_ranks(

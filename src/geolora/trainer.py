@@ -15,7 +15,16 @@ gradient ``G``, so clipping acts on the geometric step as a rescaled ``G``.
 
 The factors must never reach an ordinary optimizer: ``U.grad`` holds ``G_K``, not the gradient
 of ``U``, and a plain step would destroy the orthonormal bases. :func:`check_optimizer` detects
-that, and the callback runs it before the first step.
+that, and the callback runs it before the first step; without the callback the process-wide
+guard (:mod:`geolora.guard`) raises at the first step, before any parameter changes.
+
+Saving: the model's ``save_pretrained`` writes the GeoLoRA adapter (:mod:`geolora.model_methods`),
+so ``trainer.save_model()`` and every checkpoint directory hold ``adapter_config.json`` and
+``adapter_model.safetensors`` (the active factors and ``modules_to_save``), not the base model.
+:func:`add_geolora_callback` also teaches the Trainer to load such a directory when it resumes
+(``trainer.train(resume_from_checkpoint=...)``) and for ``load_best_model_at_end``: the factors,
+ranks and saved modules are restored in place, and the Trainer restores the optimizer, scheduler
+and RNG states from its own files as usual, so the resumed run continues exactly.
 """
 
 from __future__ import annotations
@@ -27,6 +36,7 @@ import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments, get_scheduler
 
+from .io import is_geolora_adapter_dir, restore_adapter
 from .model import geolora_layers, rank_report
 from .optimizer import GeoLoRAOptimizer
 from .reports import RankHistory, write_rank_report
@@ -200,4 +210,27 @@ def add_geolora_callback(
     if any(isinstance(cb, GeoLoRACallback) for cb in callbacks):
         raise ValueError("This Trainer already has a GeoLoRACallback.")
     callbacks.insert(0, callback)
+    _load_adapter_checkpoints(trainer)
     return callback
+
+
+def _load_adapter_checkpoints(trainer: Trainer) -> None:
+    """Make ``trainer`` restore GeoLoRA adapter directories (its own checkpoints) in place when
+    it resumes or loads the best model; other checkpoints go to the Trainer's own loaders."""
+    load_checkpoint, load_best = trainer._load_from_checkpoint, trainer._load_best_model
+
+    def load_from_checkpoint(resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        if is_geolora_adapter_dir(resume_from_checkpoint):
+            restore_adapter(trainer.model if model is None else model, resume_from_checkpoint)
+        else:
+            load_checkpoint(resume_from_checkpoint, model)
+
+    def load_best_model() -> None:
+        best = trainer.state.best_model_checkpoint
+        if best is not None and is_geolora_adapter_dir(best):
+            restore_adapter(trainer.model, best)
+        else:
+            load_best()
+
+    trainer._load_from_checkpoint = load_from_checkpoint
+    trainer._load_best_model = load_best_model

@@ -1,0 +1,1 @@
+"""Adapter file formats: native GeoLoRA, peft LoRA (training and serving), diffusers LoRA."""
