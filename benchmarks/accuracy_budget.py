@@ -18,18 +18,20 @@ import statistics
 from typing import Any
 
 import common
+import methods
+import minilm
 
 NAME = "accuracy_budget"
 SEEDS = (0, 1, 2)
 
 
-def _adapter_shapes(setup: common.Setup) -> list[tuple[int, int]]:
+def _adapter_shapes(setup: minilm.Setup) -> list[tuple[int, int]]:
     """(out, in) of the adapted maps of one MiniLM layer, times ``top_layers``."""
     h, f = 384, 1536
     return [(h, h)] * 4 * setup.top_layers + [(f, h), (h, f)] * setup.top_layers
 
 
-def _configs(setup: common.Setup, lrs: dict[str, float], geo_params: int) -> list[tuple]:
+def _configs(setup: minilm.Setup, lrs: dict[str, float], geo_params: int) -> list[tuple]:
     shapes = _adapter_shapes(setup)
     per_rank = sum(n + m + 1 for n, m in shapes)
     lora4 = sum(4 * (n + m) for n, m in shapes)
@@ -37,7 +39,11 @@ def _configs(setup: common.Setup, lrs: dict[str, float], geo_params: int) -> lis
     geo, lora = lrs["geolora"], lrs["lora"]
     return [
         *[("geolora", f"τ={t}", {"tau": t, "lr": geo}) for t in (0.05, 0.1, 0.2)],
-        ("geolora", f"budget={lora4} params", {"budget": lora4, "lr": geo}),
+        (
+            "geolora",
+            f"budget={lora4} params",
+            {"budget": lora4, "budget_unit": "params", "lr": geo},
+        ),
         *[("lora", f"r={r}", {"r": r, "lr": lora}) for r in (2, 4, 8, 16)],
         (
             "adalora",
@@ -56,7 +62,7 @@ def _plot(rows: list[dict[str, Any]], path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for method in common.METHODS:
+    for method in methods.METHODS:
         pts = [r for r in rows if r["method"] == method]
         if pts:
             ax.errorbar(
@@ -151,7 +157,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     _plot(rows, out / f"{NAME}.png")
     payload = {"seeds": list(seeds), "lrs": lrs, "rows": rows, "targets": targets}
     common.write_table(
-        NAME, common.command(NAME, args.smoke), "Accuracy at budget", lines, payload, out
+        NAME,
+        common.command(NAME, args.smoke, args.extras),
+        "Accuracy at budget",
+        lines,
+        payload,
+        out,
     )
     return payload
 

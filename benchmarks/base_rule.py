@@ -19,7 +19,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = common.parse_args(__doc__.splitlines()[0], argv)
     s, out = args.setup, args.out
     adam_lr, adam_runs = common.best_lr(
-        "geolora", {}, (1e-3,) if args.smoke else common.LR_GRID, s, out
+        "geolora", {"base_rule": "adam"}, (1e-3,) if args.smoke else common.LR_GRID, s, out
     )
     rules = {"adam": (adam_lr, adam_runs)}
     for momentum, grid in SGD_GRIDS.items():
@@ -72,7 +72,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ]
     payload = {"summary": summary, "winner": winner, "val_gap": gap, "tie_within_noise": tie}
     common.write_table(
-        NAME, common.command(NAME, args.smoke), "Base rule: adam vs sgd", lines, payload, out
+        NAME,
+        common.command(NAME, args.smoke, args.extras),
+        "Base rule: adam vs sgd",
+        lines,
+        payload,
+        out,
     )
     return payload
 

@@ -14,6 +14,7 @@ import time
 from typing import Any
 
 import common
+import minilm
 import torch
 from torch import nn
 
@@ -101,14 +102,14 @@ def _rows(results: list[dict[str, float]]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = common.parse_args(__doc__.splitlines()[0], argv)
-    torch.set_num_threads(common.THREADS)
+    torch.set_num_threads(minilm.THREADS)
     widths, depths, reps, tokens = (
         ((256,), (2,), 2, 32) if args.smoke else (WIDTHS, DEPTHS, 7, TOKENS)
     )
     by_width = [measure(w, 4 if not args.smoke else 2, tokens, reps) for w in widths]
     by_depth = [measure(384, d, tokens, reps) for d in depths]
     lines = [
-        f"{tokens} tokens per step, rank 8, {common.THREADS} CPU thread(s), median of {reps} "
+        f"{tokens} tokens per step, rank 8, {minilm.THREADS} CPU thread(s), median of {reps} "
         "interleaved steps.",
         "",
         "By width (4 layers):",
@@ -122,7 +123,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     payload = {"tokens": tokens, "reps": reps, "by_width": by_width, "by_depth": by_depth}
     common.write_table(
         NAME,
-        common.command(NAME, args.smoke),
+        common.command(NAME, args.smoke, args.extras),
         "Overhead vs width and depth",
         lines,
         payload,

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 import common
+import minilm
 
 NAME = "lr_robustness"
 METHODS = {"geolora": {}, "lora": {}, "adalora": {}}
@@ -36,7 +37,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         m: [common.run(m, {**h, "lr": lr}, args.setup, args.out) for lr in grid]
         for m, h in METHODS.items()
     }
-    share = float(common.features(args.setup)["test"]["labels"].float().mean())
+    share = float(minilm.features(args.setup)["test"]["labels"].float().mean())
     majority = max(share, 1 - share)
     lines = [
         common.setup_note(args.setup),
@@ -95,7 +96,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         },
     }
     common.write_table(
-        NAME, common.command(NAME, args.smoke), "Learning-rate robustness", lines, payload, args.out
+        NAME,
+        common.command(NAME, args.smoke, args.extras),
+        "Learning-rate robustness",
+        lines,
+        payload,
+        args.out,
     )
     return payload
 

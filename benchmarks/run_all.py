@@ -19,6 +19,9 @@ SCRIPTS = (
     "tau_lr",
     "init_rank",
     "base_rule",
+    "planted_ranks",
+    "text_comparison",
+    "lr_sweep",
     "step_overhead",
     "cost_scaling",
 )
@@ -47,7 +50,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     payload = {"seconds": seconds, "total_s": total}
     common.write_table(
         "run_all",
-        common.command("run_all", args.smoke),
+        common.command("run_all", args.smoke, args.extras),
         "Benchmark suite timing",
         lines,
         payload,

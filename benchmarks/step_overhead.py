@@ -24,6 +24,8 @@ import time
 from typing import Any
 
 import common
+import methods
+import minilm
 import torch
 
 NAME = "step_overhead"
@@ -45,7 +47,7 @@ PEFT_METHODS = {
 }
 
 
-def _prepared() -> dict[str, common.Prepared]:
+def _prepared() -> dict[str, methods.Prepared]:
     from geolora import GeoLoRAConfig, GeoLoRAOptimizer, get_geolora_model
 
     torch.manual_seed(0)
@@ -57,17 +59,17 @@ def _prepared() -> dict[str, common.Prepared]:
         freeze_ranks_after=0,
         modules_to_save=["classifier"],
     )
-    model = get_geolora_model(common.load_model(), cfg)
-    out = {"GeoLoRA": common.Prepared("geolora", model, GeoLoRAOptimizer(model, lr=1e-3))}
+    model = get_geolora_model(minilm.load_model(), cfg)
+    out = {"GeoLoRA": methods.Prepared("geolora", model, GeoLoRAOptimizer(model, lr=1e-3))}
     for label, (method, hyper) in PEFT_METHODS.items():
         torch.manual_seed(0)
-        out[label] = common.prepare(method, hyper, common.load_model(), 1000, TARGETS)
+        out[label] = methods.prepare(method, hyper, minilm.load_model(), 1000, TARGETS)
     for prep in out.values():
         prep.model.train()
     return out
 
 
-def _profile_geometric(prep: common.Prepared, batch, labels, steps: int) -> dict[str, float]:
+def _profile_geometric(prep: methods.Prepared, batch, labels, steps: int) -> dict[str, float]:
     """Seconds per ``optimizer.step()`` by category (cProfile ``tottime``)."""
     prof = cProfile.Profile()
     for _ in range(steps):
@@ -111,11 +113,11 @@ def _batched_vs_loop(layers: int, n: int, r: int, reps: int, threads: int) -> di
             for i in range(layers):
                 fn(x[i])
             res[f"{name} loop"].append(time.perf_counter() - t)
-    torch.set_num_threads(common.THREADS)
+    torch.set_num_threads(minilm.THREADS)
     return {k: statistics.median(v) for k, v in res.items()}
 
 
-def _thread_effect(prep: common.Prepared, batch, labels, rounds: int) -> dict[str, float]:
+def _thread_effect(prep: methods.Prepared, batch, labels, rounds: int) -> dict[str, float]:
     """Median seconds of GeoLoRA's ``optimizer.step()`` at 2 torch threads: as shipped (the
     geometric step runs on one thread) against the same step with 2 threads throughout."""
     opt = prep.optimizer
@@ -134,11 +136,11 @@ def _thread_effect(prep: common.Prepared, batch, labels, rounds: int) -> dict[st
             if rep:
                 times.append(time.perf_counter() - t)
             opt.zero_grad(set_to_none=True)
-    torch.set_num_threads(common.THREADS)
+    torch.set_num_threads(minilm.THREADS)
     return {k: statistics.median(v) for k, v in res.items()}
 
 
-def _memory(prep: common.Prepared) -> dict[str, int]:
+def _memory(prep: methods.Prepared) -> dict[str, int]:
     """Bytes of factors + grads + optimizer state: stored (r_max) vs needed at the current rank."""
     from geolora import geolora_layers
 
@@ -158,12 +160,12 @@ def _memory(prep: common.Prepared) -> dict[str, int]:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = common.parse_args(__doc__.splitlines()[0], argv)
-    torch.set_num_threads(common.THREADS)
+    torch.set_num_threads(minilm.THREADS)
     batch_size, length, rounds = (4, 16, 3) if args.smoke else (32, 48, 20)
     from geolora.data import load_rotten_tomatoes
 
     train, _ = load_rotten_tomatoes(seed=0)
-    enc = common.tokenize(train.texts[:batch_size], length)
+    enc = minilm.tokenize(train.texts[:batch_size], length)
     labels = torch.tensor(train.labels[:batch_size])
     preps = _prepared()
     times: dict[str, list[float]] = {k: [] for k in preps}
@@ -208,7 +210,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     lines = [
         f"all-MiniLM-L6-v2 (all 6 layers), adapters on query and value, batch {batch_size} × "
-        f"{length} tokens, {common.THREADS} CPU thread(s), {rounds} interleaved rounds after 2 "
+        f"{length} tokens, {minilm.THREADS} CPU thread(s), {rounds} interleaved rounds after 2 "
         "warm-up rounds; rank 8 for all (see the script's docstring).",
         "",
         "| method | step (median, ms) | of which optimizer step (+ allocation), ms | ratio |",
@@ -265,7 +267,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     payload = {
         "batch": batch_size,
         "length": length,
-        "threads": common.THREADS,
+        "threads": minilm.THREADS,
         "rounds": rounds,
         "median_step_s": med,
         "median_optimizer_s": opt_med,
@@ -278,7 +280,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "two_thread_optimizer_step_s": thread_effect,
     }
     common.write_table(
-        NAME, common.command(NAME, args.smoke), "Cost per step", lines, payload, args.out
+        NAME,
+        common.command(NAME, args.smoke, args.extras),
+        "Cost per step",
+        lines,
+        payload,
+        args.out,
     )
     return payload
 

@@ -73,7 +73,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         ],
     }
     common.write_table(
-        NAME, common.command(NAME, args.smoke), "τ × learning rate", lines, payload, out
+        NAME,
+        common.command(NAME, args.smoke, args.extras),
+        "τ × learning rate",
+        lines,
+        payload,
+        out,
     )
     return payload
 

