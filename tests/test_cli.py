@@ -12,8 +12,8 @@ import torch
 from conftest import tiny_bert_config
 from safetensors.torch import load_file
 
-from geolora import cli
-from geolora.finetune import finetune
+from geolora.app import cli
+from geolora.app.finetune import finetune
 
 WORDS = [
     *("the", "a", "movie", "film", "was", "is", "very", "not", "plot"),
@@ -154,8 +154,8 @@ def test_config_file_flag_precedence_and_sentence_pairs(tiny_model_dir, tmp_path
     assert cli.main(args) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     options = metrics["options"]
-    assert (options["r"], options["epochs"], options["lr"]) == (3, 1, 0.01)  # --lr overrides
-    assert options["target_modules"] == ["query", "value"]
+    assert (options["adapter"]["r"], options["epochs"], options["lr"]) == (3, 1, 0.01)
+    assert options["adapter"]["target_modules"] == ["query", "value"]
     assert options["text_pair_column"] == "second"
     assert metrics["label_names"] == ["0", "1"] and metrics["train_examples"] == 29
     assert len(json.loads((out / "rank_report.json").read_text())["ranks"]) == 4
@@ -164,7 +164,8 @@ def test_config_file_flag_precedence_and_sentence_pairs(tiny_model_dir, tmp_path
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["finetune", "--r", "0"], "expected a positive integer"),
+        (["finetune", "--r", "x"], "invalid int value"),
+        (["finetune", "--truncation", "sideways"], "invalid choice"),
         (["finetune", "--lr", "fast"], "invalid float value"),
         (["finetune", "--no-such-flag"], "unrecognized arguments"),
         (["frobnicate"], "invalid choice"),
@@ -222,6 +223,8 @@ def test_missing_model_path_and_unreachable_hub(tiny_csv, tmp_path, capsys):
 def test_invalid_rank_settings_and_config_keys(tiny_model_dir, tiny_csv, tmp_path, capsys):
     err = _error(_args(tiny_model_dir, tiny_csv, tmp_path / "o", "--r", "9"), capsys)
     assert "r=9 is larger than r_max=8" in err
+    err = _error(_args(tiny_model_dir, tiny_csv, tmp_path / "o", "--r", "0"), capsys)
+    assert "r must be a positive integer" in err
     config = tmp_path / "bad.yaml"
     config.write_text("learning_rate: 0.1\n")
     err = _error(_args(tiny_model_dir, tiny_csv, tmp_path / "o", "--config", str(config)), capsys)

@@ -41,23 +41,45 @@ class GeoLoRAConfig:
         exclude_modules: names (suffix match) never adapted, even if ``target_modules`` matches.
         warmup_steps: no truncation (beyond ``r_max``) during the first steps.
         freeze_ranks_after: after this many steps, ranks stay fixed (the bases still move).
+
+    Each field's ``metadata["help"]`` is the one-line help of the ``geolora finetune`` flag and
+    config-file key of the same name (:mod:`geolora.app.options`).
     """
 
-    target_modules: list[str] | str | None = None
-    r: int = 8
-    r_max: int = 32
-    r_min: int = 1
-    tau: float = 0.1
-    truncation: Literal["local", "global"] = "local"
-    budget: int | None = None
-    budget_unit: Literal["rank", "params"] = "rank"
-    lora_alpha: float = 16.0
-    lora_dropout: float = 0.0
-    use_rslora: bool = False
-    modules_to_save: list[str] | None = None
-    exclude_modules: list[str] | None = None
-    warmup_steps: int = 0
-    freeze_ranks_after: int | None = None
+    target_modules: list[str] | str | None = field(
+        default=None,
+        metadata={"help": "module names (suffix match), one regex, or 'all-linear'"},
+    )
+    r: int = field(default=8, metadata={"help": "initial rank of every adapter"})
+    r_max: int = field(default=32, metadata={"help": "largest rank an adapter may reach"})
+    r_min: int = field(default=1, metadata={"help": "smallest rank an adapter may shrink to"})
+    tau: float = field(default=0.1, metadata={"help": "relative truncation tolerance per step"})
+    truncation: Literal["local", "global"] = field(
+        default="local", metadata={"help": "tau per layer (local) or over all layers (global)"}
+    )
+    budget: int | None = field(
+        default=None, metadata={"help": "exact global budget on the total cost (replaces tau)"}
+    )
+    budget_unit: Literal["rank", "params"] = field(
+        default="rank", metadata={"help": "what the budget counts"}
+    )
+    lora_alpha: float = field(default=16.0, metadata={"help": "adapter scale is lora_alpha / r"})
+    lora_dropout: float = field(default=0.0, metadata={"help": "dropout on the adapter input"})
+    use_rslora: bool = field(
+        default=False, metadata={"help": "scale lora_alpha / sqrt(r) instead of / r"}
+    )
+    modules_to_save: list[str] | None = field(
+        default=None, metadata={"help": "modules trained in full (default: the task's head)"}
+    )
+    exclude_modules: list[str] | None = field(
+        default=None, metadata={"help": "module names never adapted"}
+    )
+    warmup_steps: int = field(
+        default=0, metadata={"help": "no truncation below r_max during the first steps"}
+    )
+    freeze_ranks_after: int | None = field(
+        default=None, metadata={"help": "ranks stay fixed after this many steps"}
+    )
     metadata: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

@@ -33,6 +33,7 @@ from torch import Tensor, nn
 
 from .config import GeoLoRAConfig
 from .model import find_target_names, geolora_layers, get_geolora_model, name_matches
+from .quantized import is_4bit
 
 __all__ = ["AdapterError", "load_adapter", "save_adapter"]
 
@@ -238,6 +239,8 @@ def _read_tensors(path: Path) -> tuple[dict[str, Tensor], str]:
 
 def _weight_shape(module: nn.Module) -> tuple[int, int] | None:
     """``(n, m)`` = (out, in) of the matrix an adapter on ``module`` modifies."""
+    if is_4bit(module):  # packed 4-bit weight: the true shape is in the attributes
+        return module.out_features, module.in_features
     weight = getattr(module, "weight", None)
     if not isinstance(weight, Tensor) or weight.dim() < 2:
         return None

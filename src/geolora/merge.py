@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from .layers import GeoLoRAConv1D, GeoLoRALayer
 from .model import geolora_layers
+from .quantized import is_4bit
 
 __all__ = ["disable_adapter", "merge_adapter", "merge_and_unload", "unmerge_adapter"]
 
@@ -34,6 +35,11 @@ def _layers(model: nn.Module) -> dict[str, GeoLoRALayer]:
 
 def _delta_like_weight(layer: GeoLoRALayer) -> Tensor:
     """``ΔW`` in the layout and dtype of ``layer.base_layer.weight``."""
+    if is_4bit(layer.base_layer):
+        raise ValueError(
+            "Cannot merge an adapter into a 4-bit base layer (it would be rounded again): "
+            "call geolora.quantized.dequantize_model(model) first, then merge."
+        )
     weight = layer.base_layer.weight
     delta = layer.delta_weight().detach()
     if isinstance(layer, GeoLoRAConv1D):
