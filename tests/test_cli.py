@@ -271,3 +271,68 @@ def test_hub_dataset_without_datasets_package_or_hub(tiny_model_dir, tmp_path, c
     err = _error(_args(tiny_model_dir, "glue/sst2", tmp_path / "out"), capsys)
     assert "'glue/sst2'" in err
     assert "pip install datasets" in err or "Could not load the Hugging Face dataset" in err
+
+
+def test_head_of_another_size_is_replaced_with_a_note(tiny_csv, tmp_path, capsys):
+    """A saved 3-class classifier fine-tuned on 2-label data gets a new 2-output head."""
+    from transformers import BertForSequenceClassification, BertTokenizerFast
+
+    model_dir = tmp_path / "three-class"
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]))
+    BertTokenizerFast(vocab=str(vocab)).save_pretrained(model_dir)
+    BertForSequenceClassification(tiny_bert_config(num_labels=3)).save_pretrained(model_dir)
+    out = tmp_path / "out"
+    assert cli.main(_args(model_dir, tiny_csv, out, "--epochs", "1")) == 0
+    assert "has 3 outputs and the data 2 labels" in capsys.readouterr().err
+    assert _tensors(out / "adapter")["classifier.weight"].shape[0] == 2
+
+
+def test_config_threads_and_quiet_and_resume_keeps_threads(
+    tiny_model_dir, tiny_csv, tmp_path, monkeypatch, capsys
+):
+    """``threads`` and ``quiet`` are config-file keys; --resume keeps the run's thread count."""
+    config = tmp_path / "run.yaml"
+    config.write_text("threads: 2\nquiet: true\n")
+    out = tmp_path / "threads"
+
+    def interrupt_at_1(step: int) -> None:
+        if step == 1:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    try:
+        monkeypatch.setattr(cli, "finetune", functools.partial(finetune, on_step=interrupt_at_1))
+        argv = _args(tiny_model_dir, tiny_csv, out, "--config", str(config))
+        argv.remove("--quiet")
+        assert cli.main(argv) == 130
+        torch.set_num_threads(1)
+        monkeypatch.setattr(cli, "finetune", finetune)
+        assert cli.main(["finetune", "--resume", "--output-dir", str(out)]) == 0
+        metrics = json.loads((out / "metrics.json").read_text())
+        assert metrics["threads"] == 2 and metrics["options"]["quiet"] is True
+        assert "finetune:" not in capsys.readouterr().err  # no progress bar
+    finally:
+        torch.set_num_threads(1)
+
+
+def test_report_into_a_closed_pipe_exits_quietly(run_dir, capsys):
+    """``geolora report RUN | head -1``: the reader leaves early; no error, status 0."""
+    import sys
+
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    pipe, previous = os.fdopen(write_end, "w", buffering=1), sys.stdout
+    try:
+        sys.stdout = pipe
+        assert cli.main(["report", str(run_dir)]) == 0
+    finally:
+        sys.stdout = previous
+        pipe.close()  # fd now points at /dev/null: closing it cannot fail
+    assert capsys.readouterr().err == ""
+
+
+def test_two_row_single_label_file_names_the_label_it_has(tiny_model_dir, tmp_path, capsys):
+    path = tmp_path / "two.csv"
+    path.write_text("text,label\ngood movie,1\nbad film,1\n")
+    err = _error(_args(tiny_model_dir, path, tmp_path / "out"), capsys)
+    assert "single label value ['1']" in err
