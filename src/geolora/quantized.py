@@ -5,7 +5,8 @@ A base ``nn.Linear`` with weight ``W0`` (out × in) is replaced by a ``bnb.nn.Li
 block of 64. Its forward computes ``x Q(W0)ᵀ + b`` in ``compute_dtype``; the GeoLoRA adapter on top
 stays in float32 and adds ``s · x V Sᵀ Uᵀ`` as on any linear layer (``Linear4bit`` subclasses
 ``nn.Linear``, and its ``in_features``/``out_features`` say the true shape, while the packed weight
-has shape ``(out · in / 2, 1)``). The adapter cannot be merged into ``Q(W0)`` without a second
+has shape ``(out · in / 2, 1)``). bitsandbytes' bfloat16 CPU inference path is switched off on
+the layers made here, so that evaluation computes what training computed. The adapter cannot be merged into ``Q(W0)`` without a second
 rounding, so merging is refused on a 4-bit layer; :func:`dequantize_model` first replaces every
 ``Linear4bit`` by an ``nn.Linear`` with the dequantized weight ``Q(W0)`` (the weight the adapter
 was trained against), after which merging is exact.
@@ -43,6 +44,7 @@ def is_4bit(module: nn.Module) -> bool:
 def dequantized_weight(module: nn.Module) -> Tensor:
     """``Q(W0)`` of a ``Linear4bit`` as a float tensor (out × in), in its compute dtype."""
     bnb = _bnb()
+    module.state_dict()  # undoes bitsandbytes' CPU inference repacking, if it happened
     weight = module.weight
     dense = bnb.functional.dequantize_4bit(weight.data, weight.quant_state)
     return dense.reshape(module.out_features, module.in_features)
@@ -90,6 +92,9 @@ def quantize_linear_layers(
         if module.bias is not None:
             layer.bias = nn.Parameter(module.bias.data.clone(), requires_grad=False)
         layer = layer.to(module.weight.device)  # quantizes the weight
+        # bitsandbytes' CPU inference path repacks the weight and computes in bfloat16 (for
+        # in_features divisible by 64): off, so that evaluation computes what training computed.
+        layer.support_avx512bf16_for_cpu = False
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
         chosen.append(name)
