@@ -159,7 +159,7 @@ def test_label_answers_are_scored_by_the_first_label_named():
     assert first_label("nonpositive", labels) is None
 
 
-def test_targets_all_linear_and_targets_that_match_nothing(llama_dir, facts_jsonl, tmp_path, capsys):
+def test_targets_all_linear_and_targets_matching_nothing(llama_dir, facts_jsonl, tmp_path, capsys):
     from transformers import LlamaForCausalLM
 
     parsed = cli.build_parser().parse_args(["finetune", "--target-modules", "all-linear"])
