@@ -6,10 +6,12 @@ block of 64. Its forward computes ``x Q(W0)ᵀ + b`` in ``compute_dtype``; the G
 stays in float32 and adds ``s · x V Sᵀ Uᵀ`` as on any linear layer (``Linear4bit`` subclasses
 ``nn.Linear``, and its ``in_features``/``out_features`` say the true shape, while the packed weight
 has shape ``(out · in / 2, 1)``). bitsandbytes' bfloat16 CPU inference path is switched off on
-the layers made here, so that evaluation computes what training computed. The adapter cannot be merged into ``Q(W0)`` without a second
-rounding, so merging is refused on a 4-bit layer; :func:`dequantize_model` first replaces every
-``Linear4bit`` by an ``nn.Linear`` with the dequantized weight ``Q(W0)`` (the weight the adapter
-was trained against), after which merging is exact.
+the layers made here, so that evaluation computes what training computed.
+
+The adapter cannot be merged into ``Q(W0)`` without a second rounding, so merging is refused on a
+4-bit layer; :func:`dequantize_model` first replaces every ``Linear4bit`` by an ``nn.Linear``
+with the dequantized weight ``Q(W0)`` (the weight the adapter was trained against), after which
+merging is exact.
 
 Needs ``bitsandbytes`` (the ``quant`` extra); runs on CPU with the pinned torch wheel.
 """
