@@ -83,11 +83,15 @@ def build(
     four_bit: bool = False,
     checkpointing: bool = False,
     seed: int = 0,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
 ) -> MethodTrainer:
-    """Load the model from ``model_dir`` and set up ``method`` on it (seeded)."""
+    """Load the model from ``model_dir`` onto ``device`` in ``dtype`` and set up ``method`` on
+    it (seeded; the adapters are float32 whatever ``dtype``)."""
     from peft import AdaLoraConfig, LoraConfig, get_peft_model
 
     model, _ = load_causal_lm(model_dir)
+    model.to(device=device, dtype=dtype)
     targets = default_targets(model)
     if four_bit:
         from geolora.quantized import quantize_linear_layers

@@ -35,3 +35,14 @@ def test_llm_benchmark_smoke(tmp_path):
     assert lora["total_rank"] == 8 * 14 and lora["trainable_params"] == 2 * per_layer
     sizes = payload["adapter_bytes"]
     assert sizes["stored_r_max"] > sizes["at_final_ranks"] > 0
+
+
+def test_gpu_step_refuses_without_cuda(monkeypatch, capsys):
+    import gpu_step
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit) as stop:
+        gpu_step.main(["--smoke"])
+    assert stop.value.code == 2
+    assert "needs a CUDA GPU" in capsys.readouterr().err
