@@ -336,3 +336,26 @@ def test_two_row_single_label_file_names_the_label_it_has(tiny_model_dir, tmp_pa
     path.write_text("text,label\ngood movie,1\nbad film,1\n")
     err = _error(_args(tiny_model_dir, path, tmp_path / "out"), capsys)
     assert "single label value ['1']" in err
+
+
+def test_every_option_is_a_flag_a_config_key_and_documented():
+    """One declaration per option: GeoLoRAConfig's fields and FinetuneOptions' fields give the
+    flags and config keys; docs/cli.md lists every flag."""
+    import dataclasses
+    from pathlib import Path
+
+    from geolora import GeoLoRAConfig
+    from geolora.app.options import FinetuneOptions, option_specs
+
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "cli.md").read_text()
+    specs = {spec.name: spec for spec in option_specs()}
+    adapter = {f.name for f in dataclasses.fields(GeoLoRAConfig)} - {"metadata"}
+    run = {f.name for f in dataclasses.fields(FinetuneOptions)} - {"adapter"}
+    assert set(specs) == adapter | run
+    for spec in specs.values():
+        flag = spec.flag if not (spec.is_switch and spec.default) else "--no-" + spec.flag[2:]
+        assert f"`{flag}" in docs or f", `{flag}`" in docs, flag
+        assert spec.help, spec.name
+    assert specs["tau"].default == GeoLoRAConfig.tau  # no second default for the same option
+    options = FinetuneOptions.from_dict({"r-max": 16, "lr": 0.01, "threads": 1, "quiet": True})
+    assert options.adapter == {"r_max": 16} and options.adapter_config("all-linear").r_max == 16

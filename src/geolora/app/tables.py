@@ -107,12 +107,13 @@ def column(rows: list[dict[str, Any]], key: str, source: str, option: str) -> li
 def shuffled_split(
     items: Sequence[Item], eval_fraction: float, seed: int, limit: int | None, source: str
 ) -> tuple[list[Item], list[Item]]:
-    """Shuffle with ``seed``, keep the first ``limit``, hold out ``round(eval_fraction · n)``."""
+    """Shuffle with ``seed``, keep the first ``limit``, hold out ``round(eval_fraction · n)``
+    examples (at least one)."""
     order = list(range(len(items)))
     random.Random(seed).shuffle(order)
     if limit is not None:
         order = order[:limit]
-    n_eval = int(round(len(order) * eval_fraction))
+    n_eval = max(1, int(round(len(order) * eval_fraction)))
     train = [items[i] for i in order[n_eval:]]
     held = [items[i] for i in order[:n_eval]]
     if not train or not held:
