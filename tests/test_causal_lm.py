@@ -97,6 +97,18 @@ def test_generate_command_answers_prompts(sft_run, tmp_path, capsys):
     assert "No prompts" in capsys.readouterr().err
 
 
+def test_export_command_rebuilds_the_causal_lm(sft_run, tmp_path):
+    from safetensors.torch import load_file
+
+    out = tmp_path / "peft"
+    assert cli.main(["export", str(sft_run), "-o", str(out)]) == 0
+    mine = load_file(str(out / "adapter_model.safetensors"))
+    theirs = load_file(str(sft_run / "peft_adapter" / "adapter_model.safetensors"))
+    assert mine.keys() == theirs.keys()
+    for key in mine:
+        torch.testing.assert_close(mine[key], theirs[key])
+
+
 def test_encoding_trains_only_the_answer_tokens():
     tokenizer = tiny_tokenizer()
     chat = [

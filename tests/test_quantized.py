@@ -103,6 +103,18 @@ def test_merge_is_refused_on_4bit_and_exact_after_dequantizing(llama_dir):
     torch.testing.assert_close(_logits(merged), expected, atol=1e-4, rtol=1e-4)
 
 
+def test_bfloat16_compute_trains_float32_factors(llama_dir):
+    model = _base(llama_dir, four_bit=False)
+    quantize_linear_layers(model, compute_dtype=torch.bfloat16)
+    get_geolora_model(model, GeoLoRAConfig(target_modules=["q_proj", "v_proj"], r=2, r_max=4))
+    optimizer = GeoLoRAOptimizer(model, lr=0.01)
+    model(input_ids=IDS, labels=IDS).loss.backward()
+    optimizer.step()
+    layer = model.get_submodule("model.layers.0.self_attn.q_proj")
+    assert layer.base_layer.compute_dtype == torch.bfloat16 and layer.U.dtype == torch.float32
+    assert layer.S.abs().sum() > 0
+
+
 def test_cli_4bit_run_writes_a_merged_float_model(llama_dir, tmp_path):
     from transformers import LlamaForCausalLM
 
@@ -118,3 +130,7 @@ def test_cli_4bit_run_writes_a_merged_float_model(llama_dir, tmp_path):
     assert metrics["options"]["load_in_4bit"] and "merged" in metrics["files"]
     merged = LlamaForCausalLM.from_pretrained(out / "merged")
     assert type(merged.get_submodule("model.layers.0.mlp.up_proj")) is torch.nn.Linear
+    prompt = list(FACTS)[0]
+    argv = ["generate", str(out), "--prompt", prompt, "--load-in-4bit", "--max-new-tokens", "2"]
+    assert cli.main([*argv, "-o", str(tmp_path / "a.jsonl")]) == 0
+    assert json.loads((tmp_path / "a.jsonl").read_text())["prompt"] == prompt
