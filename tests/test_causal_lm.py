@@ -186,3 +186,17 @@ def test_targets_all_linear_and_targets_matching_nothing(llama_dir, facts_jsonl,
     err = capsys.readouterr().err
     assert "['query', 'value'] match no module" in err
     assert "linear layers are named ['down_proj', 'gate_proj', 'k_proj'" in err
+
+
+def test_python_example_runs_on_a_tiny_llama(llama_dir, tmp_path, capsys):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "llm_sft.py"
+    spec = importlib.util.spec_from_file_location("llm_sft_example", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    argv = ["--model", str(llama_dir), "--examples", "10", "--epochs", "1"]
+    metrics = example.main([*argv, "--output-dir", str(tmp_path / "run")])
+    assert metrics["train_examples"] == 8 and metrics["task"] == "causal-lm"
+    assert "What is 31 + 48? Answer with the number only. ->" in capsys.readouterr().out

@@ -172,7 +172,8 @@ def load_classifier(
     name: str, num_labels: int, label_names: list[str] | None = None
 ) -> tuple[nn.Module, Any]:
     """``(AutoModelForSequenceClassification, AutoTokenizer)`` with a head of ``num_labels``
-    outputs. A saved head of another size is replaced by a new one, with a note on stderr."""
+    outputs. A saved head of another size is replaced by a new one (with a note on stderr for a
+    local model, whose config says its size)."""
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
     labels = label_names or [str(i) for i in range(num_labels)]
@@ -197,7 +198,7 @@ def load_classifier(
         num_labels=num_labels,
         id2label=dict(enumerate(labels)),
         label2id={label: i for i, label in enumerate(labels)},
-        ignore_mismatched_sizes=saved is not None and saved != num_labels,
+        ignore_mismatched_sizes=True,
     )
 
 
