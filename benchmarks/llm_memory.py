@@ -5,7 +5,10 @@ another's): loads the model, builds the method (GeoLoRA, peft LoRA r=8 or peft A
 a 4-bit NF4 base or gradient checkpointing), runs ``--steps`` training steps on the given batch
 and prints one JSON line: the resident memory before the first step (model + adapters), the
 peak during the steps (sampled every 2 ms from ``/proc/self/statm``), their difference (what
-training adds: activations, gradients, optimizer state) and the median step time.
+training adds: activations, gradients, optimizer state), the bytes of the model's own tensors
+and the median step time. A 4-bit model is quantized from the float one after loading, so the
+process keeps some memory of that (freed heap, pages of the memory-mapped checkpoint file): its
+resident memory falls by less than its tensors do.
 """
 
 from __future__ import annotations
@@ -61,6 +64,23 @@ def release_free_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
+def model_tensor_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the model's parameters and buffers (each storage once), with the quantization
+    constants of 4-bit layers: what the model itself needs, whatever the allocator keeps."""
+    from geolora.quantized import is_4bit
+
+    storages = {}
+    for tensor in [*model.parameters(), *model.buffers()]:
+        storage = tensor.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+    extra = 0
+    for module in model.modules():
+        if is_4bit(module):
+            state = module.weight.quant_state
+            extra += state.absmax.nbytes + (state.state2.absmax.nbytes if state.nested else 0)
+    return sum(storages.values()) + extra
+
+
 def main(argv: list[str] | None = None) -> dict:
     import llm_methods
 
@@ -92,6 +112,7 @@ def main(argv: list[str] | None = None) -> dict:
         "method": args.method,
         "four_bit": args.four_bit,
         "checkpointing": args.checkpointing,
+        "model_tensors_mib": model_tensor_bytes(trainer.model) / 2**20,
         "resident_before_mib": before / 2**20,
         "peak_mib": sampler.peak / 2**20,
         "training_adds_mib": (sampler.peak - before) / 2**20,

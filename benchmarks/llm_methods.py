@@ -2,6 +2,9 @@
 
 * ``geolora``: GeoLoRA adapters with the library defaults (``GeoLoRAConfig``: r = 8, r_max = 32,
   τ = 0.1, lora_alpha = 16) and :class:`geolora.GeoLoRAOptimizer` (its default base rule);
+* ``geolora-budget``: the same with an exact global budget of LoRA r=8's parameter count,
+  ``Σ 8 (n + m)`` over the adapted layers (``budget_unit="params"``, each kept singular value
+  costing ``n + m + 1``), so that its final adapters are no larger than LoRA's;
 * ``lora``: peft ``LoraConfig(r=8, lora_alpha=16)`` with AdamW;
 * ``adalora``: peft ``AdaLoraConfig(init_r=12, target_r=8, lora_alpha=16)`` with AdamW, budget
   phases ``tinit = 10 %`` and ``tfinal = 20 %`` of the steps, ``update_and_allocate(step)`` after
@@ -20,9 +23,10 @@ from torch import nn
 
 from geolora import GeoLoRAConfig, GeoLoRAOptimizer, get_geolora_model, rank_report
 from geolora.app.models import default_targets, load_causal_lm
+from geolora.model import find_target_names
 
-METHODS = ("geolora", "lora", "adalora")
-LEARNING_RATES = {"geolora": 1e-3, "lora": 1e-3, "adalora": 3e-3}
+METHODS = ("geolora", "geolora-budget", "lora", "adalora")
+LEARNING_RATES = {"geolora": 1e-3, "geolora-budget": 1e-3, "lora": 1e-3, "adalora": 3e-3}
 
 
 class MethodTrainer:
@@ -48,7 +52,7 @@ class MethodTrainer:
 
     def ranks(self) -> dict[str, int]:
         """The rank of every adapter (AdaLoRA: its unmasked singular values)."""
-        if self.method == "geolora":
+        if self.method.startswith("geolora"):
             return rank_report(self.model)["ranks"]
         ranks = {}
         for name, module in self.model.named_modules():
@@ -65,7 +69,7 @@ class MethodTrainer:
     def trainable_params(self) -> int:
         """Parameters at the final ranks: ``r (n + m)`` per LoRA adapter, ``r (n + m) + r`` per
         GeoLoRA and AdaLoRA adapter (their diagonal), nothing for masked AdaLoRA values."""
-        if self.method == "geolora":
+        if self.method.startswith("geolora"):
             return rank_report(self.model)["trainable_params"]
         if self.method == "lora":
             return sum(p.numel() for p in self.trainable)
@@ -102,8 +106,14 @@ def build(
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     torch.manual_seed(seed)
     lr = LEARNING_RATES[method]
-    if method == "geolora":
-        get_geolora_model(model, GeoLoRAConfig(target_modules=targets))
+    if method.startswith("geolora"):
+        budget = {}
+        if method == "geolora-budget":
+            names = find_target_names(model, GeoLoRAConfig(target_modules=targets))
+            layers = [model.get_submodule(name) for name in names]
+            lora_params = sum(8 * (m.in_features + m.out_features) for m in layers)
+            budget = {"budget": lora_params, "budget_unit": "params"}
+        get_geolora_model(model, GeoLoRAConfig(target_modules=targets, **budget))
         return MethodTrainer(method, model, GeoLoRAOptimizer(model, lr=lr))
     if method == "lora":
         config: Any = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=targets)

@@ -23,7 +23,7 @@ def test_llm_benchmark_smoke(tmp_path):
     md = (tmp_path / "out" / "llm_sft.md").read_text()
     data = json.loads((tmp_path / "out" / "llm_sft.json").read_text())
     assert "benchmarks/llm_sft.py --smoke" in data["command"] and data["command"] in md
-    assert set(payload["methods"]) == {"geolora", "lora", "adalora"}
+    assert set(payload["methods"]) == {"geolora", "geolora-budget", "lora", "adalora"}
     for row in ("| zero-shot |", "| GeoLoRA |", "| LoRA r=8 |", "| AdaLoRA |", "4-bit NF4 base"):
         assert row in md
     configs = {(m["method"], m["four_bit"], m["checkpointing"]) for m in payload["memory"]}
@@ -33,6 +33,7 @@ def test_llm_benchmark_smoke(tmp_path):
     # r (n + m) per adapter: q, k, v, o (32→32, 32→16, 32→16, 32→32), gate, up, down (32↔64).
     per_layer = 8 * (64 + 48 + 48 + 64 + 3 * 96)
     assert lora["total_rank"] == 8 * 14 and lora["trainable_params"] == 2 * per_layer
+    assert payload["methods"]["geolora-budget"]["trainable_params"] <= lora["trainable_params"]
     sizes = payload["adapter_bytes"]
     assert sizes["stored_r_max"] > sizes["at_final_ranks"] > 0
 

@@ -67,7 +67,8 @@ def quantize_linear_layers(
     """Replace every ``nn.Linear`` of ``model`` by a frozen 4-bit ``Linear4bit``, in place,
     except the output layer (``lm_head``) and modules inside a ``skip`` name (suffix match, as
     ``modules_to_save``). Returns the names of the quantized layers. Call before adding
-    adapters."""
+    adapters. The float tensors that remain are copied into storage of their own
+    (:func:`_own_storage`), so that the float checkpoint can leave memory."""
     bnb = _bnb()
     skip = skip or []
     output = _output_layer(model)
@@ -100,7 +101,18 @@ def quantize_linear_layers(
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
         chosen.append(name)
+    _own_storage(model)
     return chosen
+
+
+@torch.no_grad()
+def _own_storage(model: nn.Module) -> None:
+    """Copy the parameters and buffers that stay in float into storage of their own. Loaded
+    from safetensors they are views of one memory map of the whole checkpoint file, which
+    would keep the float weights of the quantized layers resident too."""
+    for tensor in [*model.parameters(), *model.buffers()]:
+        if tensor.dtype.is_floating_point:
+            tensor.data = tensor.data.clone()
 
 
 @torch.no_grad()
