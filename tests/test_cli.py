@@ -302,7 +302,7 @@ def test_config_threads_and_quiet_and_resume_keeps_threads(
 
     try:
         monkeypatch.setattr(cli, "finetune", functools.partial(finetune, on_step=interrupt_at_1))
-        argv = _args(tiny_model_dir, tiny_csv, out, "--config", str(config))
+        argv = _args(tiny_model_dir, tiny_csv, out, "--config", str(config), "--epochs", "1")
         argv.remove("--quiet")
         assert cli.main(argv) == 130
         torch.set_num_threads(1)
