@@ -272,6 +272,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     payload["wall_s"] = round(time.perf_counter() - started, 1)
     cmd = common.command(NAME, args.smoke) + f" --threads {args.threads}"
+    if args.seed != 0:
+        cmd += f" --seed {args.seed}"
+    if args.out != common.RESULTS:
+        cmd += f" --out {args.out}"
     title = "Causal-LM SFT: SmolLM2-135M-Instruct, zero-shot vs GeoLoRA vs LoRA vs AdaLoRA"
     common.write_table(NAME, cmd, title, _table(payload), payload, args.out)
     return payload
