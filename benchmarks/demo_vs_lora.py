@@ -5,7 +5,7 @@ GeoLoRA runs through :func:`geolora.finetune.finetune` itself, so the figure is 
 LoRA (``LoraConfig(r=8, lora_alpha=16)``, the same ``target_modules``, the classifier in
 ``modules_to_save``) is trained by the same loop: the same model load after
 ``torch.manual_seed(seed)`` (hence the same classifier initialisation), the same batches
-(:func:`geolora.textdata.epoch_batches`), the same warm-up/decay schedule, gradient clipping and
+(:func:`geolora.app.batches.epoch_batches`), the same warm-up/decay schedule, gradient clipping and
 evaluation, with ``torch.optim.AdamW``. Each method runs at several learning rates; the table
 reports all of them.
 
@@ -44,15 +44,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from geolora.finetune import (  # noqa: E402
-    DEMO_LIMIT,
-    FinetuneOptions,
-    evaluate,
-    finetune,
-    learning_rate_at,
-    load_model,
-)
-from geolora.textdata import encode, epoch_batches, load_task, steps_per_epoch  # noqa: E402
+from geolora.app.batches import epoch_batches, steps_per_epoch  # noqa: E402
+from geolora.app.classification import encode, load_task  # noqa: E402
+from geolora.app.evaluation import evaluate_classifier  # noqa: E402
+from geolora.app.finetune import finetune, learning_rate_at  # noqa: E402
+from geolora.app.jobs import DEMO_LIMIT  # noqa: E402
+from geolora.app.models import DEFAULT_TARGETS, default_targets, load_classifier  # noqa: E402
+from geolora.app.options import FinetuneOptions, option_specs  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 RUNS = RESULTS / "demo_vs_lora_runs"
@@ -91,13 +89,13 @@ def run_lora(options: FinetuneOptions) -> dict[str, Any]:
         options.dataset, options.text_column, options.label_column, options.text_pair_column,
         options.eval_fraction, options.seed, limit,
     )  # fmt: skip
-    model, tokenizer = load_model(options.model, len(task.label_names), task.label_names)
-    train, held_out = (encode(tokenizer, s, options.max_length) for s in (task.train, task.eval))
+    model, tokenizer = load_classifier(options.model_name, len(task.label_names), task.label_names)
+    train, held_out = (encode(tokenizer, s, options.token_limit) for s in (task.train, task.eval))
     lora = LoraConfig(
         r=8,
         lora_alpha=16,
         lora_dropout=0.0,
-        target_modules=options.target_modules,
+        target_modules=options.adapter.get("target_modules") or default_targets(model),
         modules_to_save=["classifier"],
     )
     model = get_peft_model(model, lora)
@@ -121,7 +119,7 @@ def run_lora(options: FinetuneOptions) -> dict[str, Any]:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     train_time = time.perf_counter() - start
-    scores = evaluate(model, held_out, batch_size=max(64, 2 * options.batch_size))
+    scores = evaluate_classifier(model, held_out, batch_size=max(64, 2 * options.batch_size))
     return {
         **scores,
         "trainable_params": sum(p.numel() for p in trainable),
@@ -158,18 +156,20 @@ def tables(options: FinetuneOptions, key: str) -> tuple[str, dict[str, Any]]:
             for (m, lr, v), accs in seeds.items()
         ],
     }
+    adapter = options.adapter_config(DEFAULT_TARGETS["bert"])
     lines = [
         "# The demo against peft LoRA r=8",
         "",
         f"all-MiniLM-L6-v2, {options.dataset or 'embedded Rotten Tomatoes sentences'} "
         f"(limit {options.limit or DEMO_LIMIT}, {int(options.eval_fraction * 100)}% held out), "
-        f"{options.epochs} epochs, batch {options.batch_size}, max_length {options.max_length}, "
+        f"{options.epochs} epochs, batch {options.batch_size}, max_length {options.token_limit}, "
         f"seed {options.seed}, warm-up {options.warmup_ratio:g} then linear decay, clip "
-        f"{options.max_grad_norm:g}. Adapters on {', '.join(options.target_modules)}; "
+        f"{options.max_grad_norm:g}. Adapters on {', '.join(adapter.target_modules)}; "
         "classifier trained in full. GeoLoRA: "
-        f"r={options.r}, r_max={options.r_max}, tau={options.tau:g}, base_rule "
-        f"{options.base_rule}. LoRA: r=8, lora_alpha=16, AdamW. A variant changes the named "
-        "options (a seed changes the data split and the held-out set too, for both methods).",
+        f"r={adapter.r}, r_max={adapter.r_max}, tau={adapter.tau:g}, base_rule "
+        f"{options.base_rule or 'default'}. LoRA: r=8, lora_alpha=16, AdamW. A variant changes "
+        "the named options (a seed changes the data split and the held-out set too, for both "
+        "methods).",
         "",
         "| method | variant | lr | held-out accuracy | eval loss | trainable params "
         "| train time (s), threads |",
@@ -207,12 +207,12 @@ def parse_spec(spec: str, options: FinetuneOptions) -> tuple[str, float, dict[st
     method, _, lr_text = head.partition(":")
     if method not in ("geolora", "lora"):
         raise ValueError(f"unknown method {method!r} in {spec!r}; use geolora:LR or lora:LR")
-    overrides = {}
+    overrides, specs = {}, {s.name: s for s in option_specs()}
     for pair in pairs:
         name, _, value = pair.partition("=")
-        if not hasattr(options, name) or name in ("lr", "output_dir"):
+        if name not in specs or name in ("lr", "output_dir"):
             raise ValueError(f"{spec!r}: {name!r} is not an option that a variant may change")
-        overrides[name] = type(getattr(options, name))(value)
+        overrides[name] = specs[name].convert(value)
     return method, float(lr_text), overrides
 
 
@@ -240,7 +240,8 @@ def main(argv: list[str] | None = None) -> int:
     for method, lr, overrides in specs:
         run = run_geolora if method == "geolora" else run_lora
         print(f"{method} lr={lr:g} {overrides} ...", file=sys.stderr, flush=True)
-        result = run(dataclasses.replace(options, lr=lr, **overrides))
+        chosen = {**options.to_dict(), "lr": lr, **overrides}
+        result = run(FinetuneOptions.from_dict(chosen))
         result = {"method": method, "lr": lr, "overrides": overrides, **result}
         result["threads"] = args.threads
         print(json.dumps(result), file=sys.stderr, flush=True)

@@ -12,8 +12,8 @@ import torch
 from conftest import tiny_bert_config
 from safetensors.torch import load_file
 
-from geolora import cli
-from geolora.finetune import finetune
+from geolora.app import cli
+from geolora.app.finetune import finetune
 
 WORDS = [
     *("the", "a", "movie", "film", "was", "is", "very", "not", "plot"),
@@ -154,8 +154,8 @@ def test_config_file_flag_precedence_and_sentence_pairs(tiny_model_dir, tmp_path
     assert cli.main(args) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     options = metrics["options"]
-    assert (options["r"], options["epochs"], options["lr"]) == (3, 1, 0.01)  # --lr overrides
-    assert options["target_modules"] == ["query", "value"]
+    assert (options["adapter"]["r"], options["epochs"], options["lr"]) == (3, 1, 0.01)
+    assert options["adapter"]["target_modules"] == ["query", "value"]
     assert options["text_pair_column"] == "second"
     assert metrics["label_names"] == ["0", "1"] and metrics["train_examples"] == 29
     assert len(json.loads((out / "rank_report.json").read_text())["ranks"]) == 4
@@ -164,7 +164,8 @@ def test_config_file_flag_precedence_and_sentence_pairs(tiny_model_dir, tmp_path
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["finetune", "--r", "0"], "expected a positive integer"),
+        (["finetune", "--r", "x"], "invalid int value"),
+        (["finetune", "--truncation", "sideways"], "invalid choice"),
         (["finetune", "--lr", "fast"], "invalid float value"),
         (["finetune", "--no-such-flag"], "unrecognized arguments"),
         (["frobnicate"], "invalid choice"),
@@ -222,6 +223,8 @@ def test_missing_model_path_and_unreachable_hub(tiny_csv, tmp_path, capsys):
 def test_invalid_rank_settings_and_config_keys(tiny_model_dir, tiny_csv, tmp_path, capsys):
     err = _error(_args(tiny_model_dir, tiny_csv, tmp_path / "o", "--r", "9"), capsys)
     assert "r=9 is larger than r_max=8" in err
+    err = _error(_args(tiny_model_dir, tiny_csv, tmp_path / "o", "--r", "0"), capsys)
+    assert "r must be a positive integer" in err
     config = tmp_path / "bad.yaml"
     config.write_text("learning_rate: 0.1\n")
     err = _error(_args(tiny_model_dir, tiny_csv, tmp_path / "o", "--config", str(config)), capsys)
@@ -268,3 +271,91 @@ def test_hub_dataset_without_datasets_package_or_hub(tiny_model_dir, tmp_path, c
     err = _error(_args(tiny_model_dir, "glue/sst2", tmp_path / "out"), capsys)
     assert "'glue/sst2'" in err
     assert "pip install datasets" in err or "Could not load the Hugging Face dataset" in err
+
+
+def test_head_of_another_size_is_replaced_with_a_note(tiny_csv, tmp_path, capsys):
+    """A saved 3-class classifier fine-tuned on 2-label data gets a new 2-output head."""
+    from transformers import BertForSequenceClassification, BertTokenizerFast
+
+    model_dir = tmp_path / "three-class"
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]))
+    BertTokenizerFast(vocab=str(vocab)).save_pretrained(model_dir)
+    BertForSequenceClassification(tiny_bert_config(num_labels=3)).save_pretrained(model_dir)
+    out = tmp_path / "out"
+    assert cli.main(_args(model_dir, tiny_csv, out, "--epochs", "1")) == 0
+    assert "has 3 outputs and the data 2 labels" in capsys.readouterr().err
+    assert _tensors(out / "adapter")["classifier.weight"].shape[0] == 2
+
+
+def test_config_threads_and_quiet_and_resume_keeps_threads(
+    tiny_model_dir, tiny_csv, tmp_path, monkeypatch, capsys
+):
+    """``threads`` and ``quiet`` are config-file keys; --resume keeps the run's thread count."""
+    config = tmp_path / "run.yaml"
+    config.write_text("threads: 2\nquiet: true\n")
+    out = tmp_path / "threads"
+
+    def interrupt_at_1(step: int) -> None:
+        if step == 1:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    try:
+        monkeypatch.setattr(cli, "finetune", functools.partial(finetune, on_step=interrupt_at_1))
+        argv = _args(tiny_model_dir, tiny_csv, out, "--config", str(config), "--epochs", "1")
+        argv.remove("--quiet")
+        assert cli.main(argv) == 130
+        torch.set_num_threads(1)
+        monkeypatch.setattr(cli, "finetune", finetune)
+        assert cli.main(["finetune", "--resume", "--output-dir", str(out)]) == 0
+        metrics = json.loads((out / "metrics.json").read_text())
+        assert metrics["threads"] == 2 and metrics["options"]["quiet"] is True
+        assert "finetune:" not in capsys.readouterr().err  # no progress bar
+    finally:
+        torch.set_num_threads(1)
+
+
+def test_report_into_a_closed_pipe_exits_quietly(run_dir, capsys):
+    """``geolora report RUN | head -1``: the reader leaves early; no error, status 0."""
+    import sys
+
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    pipe, previous = os.fdopen(write_end, "w", buffering=1), sys.stdout
+    try:
+        sys.stdout = pipe
+        assert cli.main(["report", str(run_dir)]) == 0
+    finally:
+        sys.stdout = previous
+        pipe.close()  # fd now points at /dev/null: closing it cannot fail
+    assert capsys.readouterr().err == ""
+
+
+def test_two_row_single_label_file_names_the_label_it_has(tiny_model_dir, tmp_path, capsys):
+    path = tmp_path / "two.csv"
+    path.write_text("text,label\ngood movie,1\nbad film,1\n")
+    err = _error(_args(tiny_model_dir, path, tmp_path / "out"), capsys)
+    assert "single label value ['1']" in err
+
+
+def test_every_option_is_a_flag_a_config_key_and_documented():
+    """One declaration per option: GeoLoRAConfig's fields and FinetuneOptions' fields give the
+    flags and config keys; docs/cli.md lists every flag."""
+    import dataclasses
+    from pathlib import Path
+
+    from geolora import GeoLoRAConfig
+    from geolora.app.options import FinetuneOptions, option_specs
+
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "cli.md").read_text()
+    specs = {spec.name: spec for spec in option_specs()}
+    adapter = {f.name for f in dataclasses.fields(GeoLoRAConfig)} - {"metadata"}
+    run = {f.name for f in dataclasses.fields(FinetuneOptions)} - {"adapter"}
+    assert set(specs) == adapter | run
+    for spec in specs.values():
+        flag = spec.flag if not (spec.is_switch and spec.default) else "--no-" + spec.flag[2:]
+        assert f"`{flag}" in docs or f", `{flag}`" in docs, flag
+        assert spec.help, spec.name
+    assert specs["tau"].default == GeoLoRAConfig.tau  # no second default for the same option
+    options = FinetuneOptions.from_dict({"r-max": 16, "lr": 0.01, "threads": 1, "quiet": True})
+    assert options.adapter == {"r_max": 16} and options.adapter_config("all-linear").r_max == 16

@@ -57,25 +57,56 @@ class GeoLoRAConfig:
         task_type: peft's task type (``"SEQ_CLS"``, ``"CAUSAL_LM"``, … or a ``peft.TaskType``),
             recorded in peft exports so that ``AutoPeftModelFor<Task>`` loads them; default: read
             off the model's class name at export.
+
+    Each field's ``metadata["help"]`` is the one-line help of the ``geolora finetune`` flag and
+    config-file key of the same name (:mod:`geolora.app.options`).
     """
 
-    target_modules: list[str] | str | None = None
-    r: int = 8
-    r_max: int = 32
-    r_min: int = 1
-    tau: float = 0.1
-    rank_margin: float = 0.1
-    truncation: Literal["local", "global"] = "local"
-    budget: int | None = None
-    budget_unit: Literal["rank", "params"] = "rank"
-    lora_alpha: float | None = None
-    lora_dropout: float = 0.0
-    use_rslora: bool = False
-    modules_to_save: list[str] | None = None
-    exclude_modules: list[str] | None = None
-    warmup_steps: int = 0
-    freeze_ranks_after: int | None = None
-    task_type: str | None = None
+    target_modules: list[str] | str | None = field(
+        default=None,
+        metadata={"help": "module names (suffix match), one regex, or 'all-linear'"},
+    )
+    r: int = field(default=8, metadata={"help": "initial rank of every adapter"})
+    r_max: int = field(default=32, metadata={"help": "largest rank an adapter may reach"})
+    r_min: int = field(default=1, metadata={"help": "smallest rank an adapter may shrink to"})
+    tau: float = field(default=0.1, metadata={"help": "relative truncation tolerance per step"})
+    rank_margin: float = field(
+        default=0.1,
+        metadata={"help": "growth margin: keep ceil(rho * r_tau) triplets beyond what tau keeps"},
+    )
+    truncation: Literal["local", "global"] = field(
+        default="local", metadata={"help": "tau per layer (local) or over all layers (global)"}
+    )
+    budget: int | None = field(
+        default=None, metadata={"help": "exact global budget on the total cost (replaces tau)"}
+    )
+    budget_unit: Literal["rank", "params"] = field(
+        default="rank", metadata={"help": "what the budget counts"}
+    )
+    lora_alpha: float | None = field(
+        default=None,
+        metadata={"help": "unset: adapter scale s = 1 for every r; set: peft's lora_alpha / r"},
+    )
+    lora_dropout: float = field(default=0.0, metadata={"help": "dropout on the adapter input"})
+    use_rslora: bool = field(
+        default=False, metadata={"help": "scale lora_alpha / sqrt(r) instead of / r"}
+    )
+    modules_to_save: list[str] | None = field(
+        default=None, metadata={"help": "modules trained in full (default: the task's head)"}
+    )
+    exclude_modules: list[str] | None = field(
+        default=None, metadata={"help": "module names never adapted"}
+    )
+    warmup_steps: int = field(
+        default=0, metadata={"help": "no truncation below r_max during the first steps"}
+    )
+    freeze_ranks_after: int | None = field(
+        default=None, metadata={"help": "ranks stay fixed after this many steps"}
+    )
+    task_type: str | None = field(
+        default=None,
+        metadata={"help": "peft task type recorded in exports (default: from the model class)"},
+    )
     metadata: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

@@ -9,19 +9,16 @@ naming the file and what to change.
 
 from __future__ import annotations
 
-import csv
-import io
-import json
-import math
 import random
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from .data import load_rotten_tomatoes
+from ..data import load_rotten_tomatoes
+from .batches import pad_rows
+from .tables import FILE_SUFFIXES, DataError, column, data_file, read_rows, shuffled_split
 
 __all__ = [
     "DataError",
@@ -29,18 +26,11 @@ __all__ = [
     "LabeledTexts",
     "TextTask",
     "encode",
-    "epoch_batches",
     "load_task",
-    "steps_per_epoch",
 ]
 
-FILE_SUFFIXES = (".csv", ".tsv", ".jsonl", ".json")
 ROTTEN_TOMATOES = "rotten_tomatoes"
 ROTTEN_TOMATOES_LABELS = ["rotten", "fresh"]
-
-
-class DataError(ValueError):
-    """A dataset that cannot be used as given; the message says what to change."""
 
 
 @dataclass
@@ -71,63 +61,7 @@ class TextTask:
     source: str
 
 
-# --- loading -------------------------------------------------------------------------------
-def _read_rows(path: Path) -> list[dict[str, Any]]:
-    suffix = path.suffix.lower()
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as err:
-        raise DataError(f"{path} is not UTF-8 text ({err.reason} at byte {err.start}).") from err
-    if not text.strip():
-        raise DataError(f"{path} is empty.")
-    if suffix in (".csv", ".tsv"):
-        delimiter = "\t" if suffix == ".tsv" else ","
-        reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)
-        rows = []
-        for row in reader:
-            if None in row or None in row.values():
-                raise DataError(
-                    f"{path} line {reader.line_num}: expected {len(reader.fieldnames or [])} "
-                    f"fields like the header {reader.fieldnames}, found a different number."
-                )
-            rows.append(row)
-        return rows
-    if suffix == ".json":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise DataError(f"{path} is not valid JSON: {err.msg} at line {err.lineno}.") from err
-        if not isinstance(data, list) or not all(isinstance(x, dict) for x in data):
-            raise DataError(f"{path} must hold a JSON list of objects (one per example).")
-        return data
-    rows = []
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise DataError(f"{path} line {number} is not valid JSON: {err.msg}.") from err
-        if not isinstance(row, dict):
-            raise DataError(f"{path} line {number} is not a JSON object: {line[:60]!r}.")
-        rows.append(row)
-    return rows
-
-
-def _column(rows: list[dict[str, Any]], key: str, source: str, option: str) -> list[Any]:
-    columns = list(rows[0]) if rows else []
-    for number, row in enumerate(rows, start=1):
-        if key not in row:
-            where = "" if number == 1 else f" (example {number})"
-            raise DataError(
-                f"{source} has no column {key!r}{where}; its columns are {columns}: "
-                f"pass {option} with one of them."
-            )
-        if row[key] is None or row[key] == "":
-            raise DataError(f"{source} example {number} has an empty {key!r} value.")
-    return [row[key] for row in rows]
-
-
+# --- loading ---------------------------------------------------------------------------
 def _label_ids(values: list[Any], source: str) -> tuple[list[int], list[str]]:
     """Integer labels ``0..K-1`` kept as they are; any other labels are sorted and numbered."""
 
@@ -140,28 +74,14 @@ def _label_ids(values: list[Any], source: str) -> tuple[list[int], list[str]]:
             return int(value)
         return None
 
+    found = sorted({str(v) for v in values})
+    if len(found) < 2:
+        raise DataError(f"{source} has a single label value {found}; need at least two classes.")
     ints = [as_int(v) for v in values]
     if all(i is not None and i >= 0 for i in ints):
-        names = [str(i) for i in range(max(ints) + 1)]
-        labels = ints
-    else:
-        names = sorted({str(v) for v in values})
-        index = {name: i for i, name in enumerate(names)}
-        labels = [index[str(v)] for v in values]
-    if len(set(labels)) < 2:
-        raise DataError(f"{source} has a single label value {names}; need at least two classes.")
-    return labels, names
-
-
-def _shuffled_split(
-    data: LabeledTexts, eval_fraction: float, seed: int, limit: int | None
-) -> tuple[LabeledTexts, LabeledTexts]:
-    order = list(range(len(data)))
-    random.Random(seed).shuffle(order)
-    if limit is not None:
-        order = order[:limit]
-    n_eval = int(round(len(order) * eval_fraction))
-    return data.take(order[n_eval:]), data.take(order[:n_eval])
+        return ints, [str(i) for i in range(max(ints) + 1)]
+    index = {name: i for i, name in enumerate(found)}
+    return [index[str(v)] for v in values], found
 
 
 def _from_rows(
@@ -173,11 +93,11 @@ def _from_rows(
 ) -> tuple[LabeledTexts, list[str]]:
     if not rows:
         raise DataError(f"{source} holds no examples.")
-    texts = [str(t) for t in _column(rows, text_column, source, "--text-column")]
+    texts = [str(t) for t in column(rows, text_column, source, "--text-column")]
     pairs = None
     if pair_column is not None:
-        pairs = [str(t) for t in _column(rows, pair_column, source, "--text-pair-column")]
-    labels, names = _label_ids(_column(rows, label_column, source, "--label-column"), source)
+        pairs = [str(t) for t in column(rows, pair_column, source, "--text-pair-column")]
+    labels, names = _label_ids(column(rows, label_column, source, "--label-column"), source)
     return LabeledTexts(texts, labels, pairs), names
 
 
@@ -252,20 +172,12 @@ def load_task(
             list(ROTTEN_TOMATOES_LABELS),
             "Rotten Tomatoes sentences (embedded)",
         )
-    path = Path(dataset).expanduser()
-    if path.suffix.lower() in FILE_SUFFIXES or path.exists():
-        if not path.is_file():
-            raise DataError(f"Dataset file {path} does not exist.")
-        if path.suffix.lower() not in FILE_SUFFIXES:
-            raise DataError(f"{path}: unknown file type; use one of {', '.join(FILE_SUFFIXES)}.")
-        rows = _read_rows(path)
+    path = data_file(dataset)
+    if path is not None:
+        rows = read_rows(path)
         data, names = _from_rows(rows, str(path), text_column, label_column, pair_column)
-        train, held = _shuffled_split(data, eval_fraction, seed, limit)
-        if len(train) == 0 or len(held) == 0:
-            raise DataError(
-                f"{path} has {len(data)} examples, too few for a training and a held-out split."
-            )
-        return TextTask(train, held, names, str(path))
+        train, held = shuffled_split(range(len(data)), eval_fraction, seed, limit, str(path))
+        return TextTask(data.take(train), data.take(held), names, str(path))
     return _load_hf(dataset, text_column, label_column, pair_column, eval_fraction, seed, limit)
 
 
@@ -288,15 +200,10 @@ class EncodedTexts:
     def batch(self, indices: list[int]) -> dict[str, Tensor]:
         """Tensors for ``indices``, padded to the longest example: ``input_ids`` with the pad
         token, ``attention_mask`` and the other features with 0."""
-        width = max(len(self.features["input_ids"][i]) for i in indices)
         out = {}
         for key, rows in self.features.items():
             fill = self.pad_id if key == "input_ids" else 0
-            padded = []
-            for i in indices:
-                pad = [fill] * (width - len(rows[i]))
-                padded.append(pad + rows[i] if self.pad_left else rows[i] + pad)
-            out[key] = torch.tensor(padded, dtype=torch.long)
+            out[key] = pad_rows([rows[i] for i in indices], fill, self.pad_left)
         out["labels"] = torch.tensor([self.labels[i] for i in indices], dtype=torch.long)
         return out
 
@@ -312,24 +219,3 @@ def encode(tokenizer: Any, data: LabeledTexts, max_length: int) -> EncodedTexts:
         pad_id,
         getattr(tokenizer, "padding_side", "right") == "left",
     )
-
-
-def epoch_batches(
-    lengths: list[int], batch_size: int, seed: int, epoch: int, group: int = 50
-) -> list[list[int]]:
-    """The batches of one epoch, a pure function of ``(seed, epoch)`` so that a resumed run
-    replays them. Examples are shuffled, sorted by length inside windows of ``group`` batches
-    (less padding, hence less compute) and the batches are shuffled again."""
-    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    order = torch.randperm(len(lengths), generator=generator).tolist()
-    window = batch_size * group
-    batches = []
-    for start in range(0, len(order), window):
-        chunk = sorted(order[start : start + window], key=lambda i: lengths[i])
-        batches += [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
-    shuffle = torch.randperm(len(batches), generator=generator).tolist()
-    return [batches[i] for i in shuffle]
-
-
-def steps_per_epoch(n_examples: int, batch_size: int) -> int:
-    return math.ceil(n_examples / batch_size)

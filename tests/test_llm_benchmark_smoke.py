@@ -1,0 +1,49 @@
+"""Smoke test of ``benchmarks/llm_sft.py`` on a tiny config-built Llama (the real run uses
+SmolLM2-135M-Instruct): every part runs and lands in the table."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+from tiny_llama import save_tiny_llama
+
+pytest.importorskip("peft")
+pytest.importorskip("bitsandbytes")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+import llm_sft  # noqa: E402
+
+
+def test_llm_benchmark_smoke(tmp_path):
+    model = save_tiny_llama(tmp_path / "model")
+    payload = llm_sft.main(["--smoke", "--model", str(model), "--out", str(tmp_path / "out")])
+    md = (tmp_path / "out" / "llm_sft.md").read_text()
+    data = json.loads((tmp_path / "out" / "llm_sft.json").read_text())
+    assert "benchmarks/llm_sft.py --smoke" in data["command"] and data["command"] in md
+    assert set(payload["methods"]) == {"geolora", "geolora-budget", "lora", "adalora"}
+    for row in ("| zero-shot |", "| GeoLoRA |", "| LoRA r=8 |", "| AdaLoRA |", "4-bit NF4 base"):
+        assert row in md
+    configs = {(m["method"], m["four_bit"], m["checkpointing"]) for m in payload["memory"]}
+    assert ("geolora", True, False) in configs and ("geolora", False, True) in configs
+    assert payload["checkpointing_grad_rel_diff"] < 1e-5
+    lora = payload["methods"]["lora"]
+    # r (n + m) per adapter: q, k, v, o (32→32, 32→16, 32→16, 32→32), gate, up, down (32↔64).
+    per_layer = 8 * (64 + 48 + 48 + 64 + 3 * 96)
+    assert lora["total_rank"] == 8 * 14 and lora["trainable_params"] == 2 * per_layer
+    assert payload["methods"]["geolora-budget"]["trainable_params"] <= lora["trainable_params"]
+    sizes = payload["adapter_bytes"]
+    assert sizes["stored_r_max"] > sizes["at_final_ranks"] > 0
+
+
+def test_gpu_step_refuses_without_cuda(monkeypatch, capsys):
+    import gpu_step
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit) as stop:
+        gpu_step.main(["--smoke"])
+    assert stop.value.code == 2
+    assert "needs a CUDA GPU" in capsys.readouterr().err
