@@ -35,7 +35,7 @@ def _sft_args(model_dir, dataset, out, *extra):
     return [
         "finetune", "--task", "causal-lm",
         "--model", str(model_dir), "--dataset", str(dataset),
-        "--epochs", "3", "--batch-size", "8", "--r", "2", "--r-max", "8", "--lr", "0.01",
+        "--epochs", "3", "--batch-size", "8", "--r", "2", "--r-max", "8", "--lr", "0.03",
         "--output-dir", str(out), "--quiet", *extra,
     ]  # fmt: skip
 

@@ -139,7 +139,7 @@ class FinetuneOptions:
                 raise ValueError(f"{name} ({flag}) must be a positive integer, got {value!r}.")
         if self.base_rule is not None and self.base_rule not in base_rules.BASE_RULES:
             raise ValueError(
-                f"base_rule (--base-rule) must be one of {base_rules.BASE_RULES}, got "
+                f"base_rule (--base-rule) must be one of {tuple(base_rules.BASE_RULES)}, got "
                 f"{self.base_rule!r}."
             )
         if not self.lr > 0:

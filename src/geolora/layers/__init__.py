@@ -1,6 +1,6 @@
 """GeoLoRA layers: the protocol (:mod:`.base`), one module per layer kind (:mod:`.linear`,
-:mod:`.conv`, :mod:`.embedding`), the dispatch list (:mod:`.dispatch`) and the batched factor
-copies the optimizer uses (:mod:`.stacking`)."""
+:mod:`.linear4bit`, :mod:`.conv`, :mod:`.embedding`), the dispatch list (:mod:`.dispatch`) and
+the batched factor copies the optimizer uses (:mod:`.stacking`)."""
 
 from .base import GeoLoRALayer, is_factor, random_orthonormal
 from .conv import GeoLoRAConv1d, GeoLoRAConv2d
@@ -14,6 +14,7 @@ from .dispatch import (
 )
 from .embedding import GeoLoRAEmbedding
 from .linear import GeoLoRAConv1D, GeoLoRALinear
+from .linear4bit import GeoLoRALinear4bit
 from .stacking import WHOLE_COPY_BYTES, copy_whole, set_stacked_factors, write_leading
 
 __all__ = [
@@ -26,6 +27,7 @@ __all__ = [
     "GeoLoRAEmbedding",
     "GeoLoRALayer",
     "GeoLoRALinear",
+    "GeoLoRALinear4bit",
     "copy_whole",
     "is_all_linear_candidate",
     "is_factor",

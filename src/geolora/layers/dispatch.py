@@ -2,7 +2,8 @@
 that read a child's weight instead of calling it, and the refusals.
 
 A module gets the first kind in :data:`KINDS` whose ``matches`` accepts it (transformers'
-``Conv1D`` before ``nn.Linear``, so a subclass never lands on its parent's kind). A kind may
+``Conv1D`` and bitsandbytes' ``Linear4bit`` before ``nn.Linear``, so a subclass never lands on
+its parent's kind). A kind may
 refuse a configuration it cannot follow (``refusal``); peft's own LoRA layers are refused with a
 pointer to :func:`geolora.geolora_from_peft`.
 
@@ -23,6 +24,7 @@ from .base import GeoLoRALayer
 from .conv import GeoLoRAConv1d, GeoLoRAConv2d
 from .embedding import GeoLoRAEmbedding
 from .linear import GeoLoRAConv1D, GeoLoRALinear, is_transformers_conv1d
+from .linear4bit import GeoLoRALinear4bit
 
 __all__ = [
     "KINDS",
@@ -36,13 +38,15 @@ __all__ = [
 
 KINDS: tuple[type[GeoLoRALayer], ...] = (
     GeoLoRAConv1D,
+    GeoLoRALinear4bit,
     GeoLoRALinear,
     GeoLoRAConv2d,
     GeoLoRAConv1d,
     GeoLoRAEmbedding,
 )
 SUPPORTED_KINDS = (
-    "nn.Linear, transformers' Conv1D, nn.Conv1d and nn.Conv2d (groups=1, padding_mode='zeros') "
+    "nn.Linear, transformers' Conv1D, bitsandbytes' Linear4bit, nn.Conv1d and nn.Conv2d "
+    "(groups=1, padding_mode='zeros') "
     "and nn.Embedding"
 )
 WEIGHT_READERS: dict[type[nn.Module], tuple[str, ...]] = {
