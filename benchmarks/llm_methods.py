@@ -1,7 +1,8 @@
 """The three ways ``llm_sft.py`` fine-tunes a causal LM, behind one small interface.
 
 * ``geolora``: GeoLoRA adapters with the library defaults (``GeoLoRAConfig``: r = 8, r_max = 32,
-  τ = 0.1, lora_alpha = 16) and :class:`geolora.GeoLoRAOptimizer` (its default base rule);
+  τ = 0.1, margin 0.1, scale s = 1) and :class:`geolora.GeoLoRAOptimizer` (its default base
+  rule, riemannian_adam);
 * ``geolora-budget``: the same with an exact global budget of LoRA r=8's parameter count,
   ``Σ 8 (n + m)`` over the adapted layers (``budget_unit="params"``, each kept singular value
   costing ``n + m + 1``), so that its final adapters are no larger than LoRA's;
