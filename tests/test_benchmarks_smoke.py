@@ -210,6 +210,8 @@ def test_comparison_verdicts_need_accuracy_and_size():
     assert "met" in met[0] and "met" in met[1]
     assert all("missed" in line for line in text_comparison.verdicts(summary(0.81, 1200))[:2])
     assert "missed" in text_comparison.verdicts(summary(0.803, 900))[0]
+    assert "within seed noise" in text_comparison.verdicts(summary(0.805, 900))[0]
+    assert "noise" not in text_comparison.verdicts(summary(0.83, 900))[0]
 
 
 def test_command_names_the_options_that_differ_from_the_defaults(tmp_path):
