@@ -21,7 +21,13 @@ SETUP = common.Setup(
 SMOKE = common.Setup(
     n_train=32, n_val=16, n_test=16, max_length=12, batch_size=8, steps=3, top_layers=6
 )
-GRID = (("riemannian_adam", 1e-3), ("adam", 1e-3), ("riemannian_adam", 3e-3), ("adam", 3e-4))
+GRID = (
+    ("riemannian_adam", 3e-4),
+    ("riemannian_adam", 1e-3),
+    ("riemannian_adam", 3e-3),
+    ("adam", 3e-4),
+    ("adam", 1e-3),
+)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

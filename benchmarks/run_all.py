@@ -19,6 +19,7 @@ SCRIPTS = (
     "tau_lr",
     "init_rank",
     "base_rule",
+    "base_rule_choice",
     "planted_ranks",
     "text_comparison",
     "lr_sweep",
