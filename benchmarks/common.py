@@ -15,6 +15,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import shlex
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -209,9 +210,16 @@ def setup_note(setup: Setup) -> str:
     )
 
 
-def parse_args(description: str, argv: list[str] | None = None, methods: tuple[str, ...] = ()):
+def parse_args(
+    description: str,
+    argv: list[str] | None = None,
+    methods: tuple[str, ...] = (),
+    add_options: Callable[[Any], None] | None = None,
+):
     """``--smoke`` (a few steps, tiny grids) and ``--out`` (results folder); with ``methods``,
-    also ``--methods`` (a subset of them to run; the tables then hold only those)."""
+    also ``--methods`` (a subset of them to run; the tables then hold only those);
+    ``add_options(parser)`` adds a script's own options. ``args.extras`` spells every option
+    that differs from its default except ``--smoke`` (for the table's command line)."""
     import argparse
 
     parser = argparse.ArgumentParser(description=description)
@@ -221,15 +229,26 @@ def parse_args(description: str, argv: list[str] | None = None, methods: tuple[s
         parser.add_argument(
             "--methods", nargs="+", choices=methods, default=list(methods), help="run only these"
         )
+    if add_options is not None:
+        add_options(parser)
     args = parser.parse_args(argv)
     args.setup = SMOKE if args.smoke else FULL
     extras = []
-    if methods and args.methods != list(methods):
-        extras += ["--methods", *args.methods]
-    if args.out.resolve() != RESULTS:
-        out = args.out.resolve()
-        root = RESULTS.parents[1]
-        extras += ["--out", str(out.relative_to(root) if out.is_relative_to(root) else out)]
+    for action in parser._actions:
+        value = getattr(args, action.dest, None)
+        if not action.option_strings or action.dest in ("help", "smoke"):
+            continue
+        if action.dest == "out":
+            value, default = value.resolve(), Path(action.default).resolve()
+            root = RESULTS.parents[1]
+            if value != default:
+                extras += [
+                    "--out",
+                    str(value.relative_to(root) if value.is_relative_to(root) else value),
+                ]
+        elif value != action.default:
+            values = value if isinstance(value, list) else [value]
+            extras += [action.option_strings[0], *(shlex.quote(str(v)) for v in values)]
     args.extras = " ".join(extras)
     return args
 

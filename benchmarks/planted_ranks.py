@@ -178,8 +178,16 @@ def summarize(label: str, res: dict[str, Any], planted_ranks: dict[str, int]) ->
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    args = common.parse_args(__doc__.splitlines()[0], argv, methods=("geolora", "lora", "adalora"))
+    def options(parser) -> None:
+        parser.add_argument("--steps", type=int, default=None, help="training steps per run")
+        parser.add_argument("--only", nargs="+", default=None, help="run only these labels")
+
+    args = common.parse_args(
+        __doc__.splitlines()[0], argv, methods=("geolora", "lora", "adalora"), add_options=options
+    )
     setup = planted.SMOKE if args.smoke else planted.PlantedSetup()
+    if args.steps is not None:
+        setup = dataclasses.replace(setup, steps=args.steps)
     d = planted.data(setup)
     plan = d["planted"]
     budget = sum(plan.values())
@@ -187,7 +195,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     budget_params = sum(k * sum(shapes[n]) for n, k in plan.items())
     rows = []
     for label, method, hyper in specs(budget, len(plan), args.smoke):
-        if method not in args.methods:
+        if method not in args.methods or (args.only and label not in args.only):
             continue
         print(f"{label} ...", flush=True)
         res = fit(method, hyper, setup, args.out)

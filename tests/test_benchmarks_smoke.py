@@ -213,16 +213,25 @@ def test_comparison_verdicts_need_accuracy_and_size():
     assert "met" in met[0] and "met" in met[1]
     assert all("missed" in line for line in text_comparison.verdicts(summary(0.81, 1200))[:2])
     assert "missed" in text_comparison.verdicts(summary(0.803, 900))[0]
+    assert "within seed noise" in text_comparison.verdicts(summary(0.805, 900))[0]
+    assert "noise" not in text_comparison.verdicts(summary(0.83, 900))[0]
 
 
 def test_command_names_the_options_that_differ_from_the_defaults(tmp_path):
     args = common.parse_args(
         "x", ["--methods", "lora", "--out", str(tmp_path)], ("geolora", "lora")
     )
-    assert args.extras == f"--methods lora --out {tmp_path.resolve()}"
+    assert args.extras == f"--out {tmp_path.resolve()} --methods lora"
     assert common.command("planted_ranks", False, args.extras).endswith(
-        f"benchmarks/planted_ranks.py --methods lora --out {tmp_path.resolve()}"
+        f"benchmarks/planted_ranks.py --out {tmp_path.resolve()} --methods lora"
     )
+
+    def options(parser):
+        parser.add_argument("--steps", type=int, default=None)
+        parser.add_argument("--only", nargs="+", default=None)
+
+    own = common.parse_args("x", ["--steps", "900", "--only", "LoRA r=16"], add_options=options)
+    assert own.steps == 900 and own.extras == "--steps 900 --only 'LoRA r=16'"
     inside = common.parse_args("x", ["--out", str(common.RESULTS / "before")])
     assert inside.extras == "--out benchmarks/results/before"
     assert common.parse_args("x", [], ("geolora", "lora")).extras == ""
