@@ -121,3 +121,34 @@ def test_identity_over_shapes(n, m, r_frac, lr, seed):
     rhs = u @ s @ v.T - lr * _tangent_projection(u, v, g)
     scale = 1 + rhs.abs().max()
     assert (lhs - rhs).abs().max() <= 1e-10 * scale
+
+
+@given(
+    n=st.integers(4, 24),
+    m=st.integers(4, 24),
+    r=st.integers(1, 6),
+    mu=st.floats(0.0, 0.9),
+    seed=st.integers(0, 10_000),
+)
+@settings(max_examples=40, deadline=None)
+def test_shrinkage_is_the_soft_threshold_of_the_tangent_step(n, m, r, mu, seed):
+    """The step's own part of Ŝ is the tangent step ``−λ P(G)`` in the augmented bases, and the
+    shrinkage lowers every singular value of Ŝ by ``μ‖λ P(G)‖₂`` (dense SVDs, float64)."""
+    r = min(r, n - 1, m - 1)
+    g_ = torch.Generator().manual_seed(seed)
+    u, v = random_orthonormal(n, r, g_), random_orthonormal(m, r, g_)
+    s = torch.diag(torch.rand(r, generator=g_, dtype=torch.float64))
+    g = torch.randn(n, m, generator=g_, dtype=torch.float64)
+    lr = 0.3
+    u_aug, s_hat, v_aug = _sgd_augmented(u, s, v, g, lr)
+    step = integrator.augmented_coefficients(-lr * (u.T @ g @ v), u_aug, v_aug, lr)
+    tangent = lr * _tangent_projection(u, v, g)
+    assert (u_aug.basis @ step @ v_aug.basis.T + tangent).abs().max() <= 1e-10
+    sigma = torch.linalg.svdvals(s_hat)
+    shrunk = integrator.shrink_singular_values(sigma, step, mu)
+    expected = (
+        torch.linalg.svdvals(u @ s @ v.T - tangent)[: sigma.numel()]
+        - mu * torch.linalg.svdvals(tangent)[0]
+    ).clamp(min=0)
+    assert torch.allclose(shrunk, expected, atol=1e-10, rtol=0)
+    assert bool((shrunk <= sigma).all()) and (mu > 0 or torch.equal(shrunk, sigma))

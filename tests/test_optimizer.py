@@ -40,7 +40,8 @@ def _relative_error(net, change):
 
 
 def test_rank_grows_from_one_to_the_needed_rank():
-    net, target, change, gen = _regression(16, r0=1)
+    """The paper's step (no shrinkage) can double the rank every step."""
+    net, target, change, gen = _regression(16, r0=1, shrinkage=0.0)
     opt = GeoLoRAOptimizer(net, lr=0.5, base_rule="sgd")
     ranks = []
     for _ in range(8):
@@ -107,11 +108,38 @@ def test_final_ranks_equal_across_initial_ranks():
     assert len(set(final.values())) == 1 and 6 <= final[1] <= 7, final
 
 
+def _noisy_signal_rank(r0: int, shrinkage: float, steps: int = 300, seed: int = 0) -> int:
+    """Final rank under a gradient that is a fixed rank-2 push plus fresh noise every step
+    (``G = −A Bᵀ + 0.3·N``, ``N`` standard normal; the noise has the larger norm per step)."""
+    gen = torch.Generator().manual_seed(seed)
+    net = nn.Sequential(nn.Linear(48, 64, bias=False)).double()
+    get_geolora_model(net, GeoLoRAConfig(target_modules=["0"], r=r0, shrinkage=shrinkage))
+    a = torch.linalg.qr(torch.randn(64, 2, generator=gen, dtype=torch.float64))[0]
+    b = torch.linalg.qr(torch.randn(48, 2, generator=gen, dtype=torch.float64))[0]
+    opt = GeoLoRAOptimizer(net)
+    eye = torch.eye(48, dtype=torch.float64)
+    for _ in range(steps):
+        grad = -a @ b.T + 0.3 * torch.randn(64, 48, generator=gen, dtype=torch.float64)
+        (net(eye) * grad.T).sum().backward()  # d loss / dW = grad
+        opt.step()
+        opt.zero_grad()
+    return net[0].current_rank
+
+
+def test_shrinkage_prunes_directions_fed_by_noise_alone():
+    """With the default shrinkage the rank settles at the push's rank 2 plus its margin (± 1) from
+    any initial rank; without it, the directions that a start at r = 16 kept from its first noisy
+    steps random-walk on and stay."""
+    final = [_noisy_signal_rank(r0, GeoLoRAConfig.shrinkage) for r0 in (1, 4, 16)]
+    assert all(3 <= r <= 4 for r in final), final  # 2 + ⌈0.1·2⌉, and one more at most
+    assert _noisy_signal_rank(16, 0.0) >= 6
+
+
 def test_bases_rotate_at_r_max():
     """A layer that starts at ``r = r_max`` still rotates its bases: the augmentation adds ``r``
     directions and only the truncation caps the rank (with the cap in the augmentation, the span
     of U moved by 1e-14 and the fit error stayed 0.98)."""
-    net, target, change, gen = _regression(4, r0=8, r_max=8, tau=0.0)
+    net, target, change, gen = _regression(4, r0=8, r_max=8, tau=0.0, shrinkage=0.0)
     u0 = net[0].U.detach().clone()
     opt = GeoLoRAOptimizer(net, lr=0.5, base_rule="sgd")
     for _ in range(150):
@@ -160,7 +188,7 @@ def test_scale_does_not_depend_on_the_initial_rank():
 
 
 def test_growth_up_to_full_rank():
-    net, target, change, gen = _regression(48, r0=8, tau=0.0)
+    net, target, change, gen = _regression(48, r0=8, tau=0.0, shrinkage=0.0)
     opt = GeoLoRAOptimizer(net, lr=0.5, base_rule="sgd")
     for _ in range(6):
         _regression_step(net, target, opt, gen)

@@ -41,6 +41,17 @@ def test_local_rank_examples():
     assert local_ranks(batch, 0.05, 1, 8).tolist() == [2, 4]
 
 
+def test_margin_may_keep_values_the_shrinkage_zeroed():
+    """After the shrinkage, the margin triplets may carry σ = 0 (they get the first-order
+    gradient next step); ``available`` (the non-zero count before it) bounds them."""
+    shrunk = torch.tensor([[4.0, 3.0, 0.0, 0.0, 0.0], [4.0, 3.0, 0.0, 0.0, 0.0]])
+    assert int(local_ranks(shrunk[0], 0.0, 1, 8, margin=0.5)) == 2  # no zero without available
+    assert local_ranks(shrunk, 0.0, 1, 8, 0.5, available=torch.tensor([5, 2])).tolist() == [3, 2]
+    assert global_tau_ranks(list(shrunk), 0.0, [1, 1], [8, 8], 0.5, [2, 2], [5, 2]) == [3, 2]
+    zero = torch.zeros(4)  # nothing to decide from: the current rank stays
+    assert int(local_ranks(zero, 0.1, 1, 8, 0.5, current=3, available=torch.tensor(0))) == 3
+
+
 def test_global_tau_drops_smallest_values_network_wide():
     big = torch.tensor([10.0, 9.0, 8.0])
     small = torch.tensor([0.5, 0.4, 0.3])

@@ -40,6 +40,10 @@ class GeoLoRAConfig:
         rank_margin: growth margin ``ρ``: each layer keeps ``⌈ρ·r_τ⌉`` singular triplets beyond
             the ``r_τ`` that ``τ`` asks for, so that new directions can build up over steps
             (docs/algorithm.md §8; 0 disables growth once the leading directions are fitted).
+        shrinkage: ``μ``: each step soft-thresholds the singular values of ``Ŝ``,
+            ``σ ← max(σ − μ‖ΔŜ‖₂, 0)`` with ``ΔŜ`` the step's own part of ``Ŝ``, so that
+            directions the gradient does not keep feeding decay to zero and the final ranks do
+            not depend on the initial rank (docs/algorithm.md §8; 0 gives the paper's step).
         truncation: ``"local"`` (τ per layer, the paper's default) or ``"global"`` (one τ over the
             singular values of all layers).
         budget: if set, an exact global budget replaces ``τ``: keep the largest singular values
@@ -73,6 +77,12 @@ class GeoLoRAConfig:
     rank_margin: float = field(
         default=0.1,
         metadata={"help": "growth margin: keep ceil(rho * r_tau) triplets beyond what tau keeps"},
+    )
+    shrinkage: float = field(
+        default=0.03,
+        metadata={
+            "help": "each step lowers every singular value by shrinkage x the step's largest one"
+        },
     )
     truncation: Literal["local", "global"] = field(
         default="local", metadata={"help": "tau per layer (local) or over all layers (global)"}
@@ -140,6 +150,8 @@ class GeoLoRAConfig:
             raise ValueError(f"tau must lie in [0, 1), got {self.tau!r}; the paper uses 0.05-0.3.")
         if not (isinstance(self.rank_margin, (int, float)) and 0.0 <= self.rank_margin <= 1.0):
             raise ValueError(f"rank_margin must lie in [0, 1], got {self.rank_margin!r}.")
+        if not (isinstance(self.shrinkage, (int, float)) and 0.0 <= self.shrinkage < 1.0):
+            raise ValueError(f"shrinkage must lie in [0, 1), got {self.shrinkage!r}.")
         if self.truncation not in TRUNCATION_MODES:
             raise ValueError(
                 f"truncation must be one of {TRUNCATION_MODES}, got {self.truncation!r}."

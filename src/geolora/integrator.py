@@ -17,7 +17,12 @@ stepped together. Notation for one adapter ``W = W0 + s·U S Vᵀ`` (``U``: n×r
   which is the paper's ``[[S₁, L₁ᵀṼ], [ŨᵀK₁, 0]]`` written in the re-orthonormalised basis, so
   that ``Û Ŝ V̂ᵀ = U S₁ Vᵀ − λ (I − UUᵀ) D_K Vᵀ − λ U D_Lᵀ (I − VVᵀ)``. With SGD directions this
   is the tangent-space step ``U S Vᵀ − λ P(G)``, ``P(G) = UUᵀG + GVVᵀ − UUᵀGVVᵀ``.
-* Truncation: ``Ŝ = P Σ Qᵀ``; keep ``r₁`` singular triplets (chosen by :mod:`geolora.ranks`):
+* Shrinkage (``μ`` = ``GeoLoRAConfig.shrinkage``): ``Ŝ = P Σ Qᵀ``, then
+  ``σᵢ ← max(σᵢ − μ‖ΔŜ‖₂, 0)`` where ``ΔŜ`` is ``Ŝ`` with ``S₁`` replaced by ``−λ D_S``: the
+  step's own contribution. This is the proximal step of a nuclear-norm penalty whose weight is
+  a fraction of the step's size, so it is free of scale (lr, gradient, base rule) and vanishes
+  as the step does (an exact fit stays exact).
+* Truncation: keep ``r₁`` singular triplets (chosen by :mod:`geolora.ranks`):
   ``U ← Û P[:, :r₁]``, ``V ← V̂ Q[:, :r₁]``, ``S ← diag(σ₁..σ_{r₁})``.
 """
 
@@ -33,6 +38,7 @@ __all__ = [
     "augment_basis",
     "augmented_coefficients",
     "coordinate_change",
+    "shrink_singular_values",
 ]
 
 
@@ -76,6 +82,20 @@ def augmented_coefficients(
     top = torch.cat([top_left, top_right], dim=-1)
     bottom = torch.cat([bottom_left, zeros], dim=-1)
     return torch.cat([top, bottom], dim=-2)
+
+
+def shrink_singular_values(sigma: Tensor, step: Tensor, shrinkage: float) -> Tensor:
+    """Soft threshold ``σ ← max(σ − μ‖ΔŜ‖₂, 0)`` of the singular values ``sigma`` (…, k) of
+    ``Ŝ``, with ``ΔŜ`` = ``step`` (…, a, b) the step's own part of ``Ŝ`` (``augmented_coefficients``
+    of ``−λ D_S``) and ``μ`` = ``shrinkage``.
+
+    A triplet the gradient keeps feeding gains about its share of ``‖ΔŜ‖₂`` per step and loses
+    ``μ‖ΔŜ‖₂``, so it survives while its share exceeds ``μ``; one fed by noise alone random-walks
+    and is pulled to zero. Since the threshold is measured in units of the step, it is invariant
+    to the learning rate, the gradient's scale and the base rule, and vanishes as the step does.
+    """
+    theta = shrinkage * torch.linalg.matrix_norm(step, ord=2)
+    return (sigma - theta.unsqueeze(-1)).clamp(min=0)
 
 
 def coordinate_change(r11: Tensor, kept: Tensor) -> Tensor:

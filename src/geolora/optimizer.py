@@ -2,8 +2,9 @@
 
 Per adapter (spec §2): directions ``D_K, D_L, D_S`` from the base rule (:mod:`geolora.base_rules`),
 ``S₁ = (1 − λ·wd) S − λ D_S`` (decoupled weight decay of the whole adapter), QR augmentation of
-both bases, the augmented coefficients, an SVD, the rank decision (:mod:`geolora.ranks`), the
-truncation, and the transport of the optimizer state to the new bases. Adapters sharing a shape
+both bases, the augmented coefficients, an SVD, the shrinkage of the singular values
+(:func:`geolora.integrator.shrink_singular_values`), the rank decision (:mod:`geolora.ranks`),
+the truncation, and the transport of the optimizer state to the new bases. Adapters sharing a shape
 and rank form a bucket that is stepped as one batch: gradients, factors and moments are stacked
 with one copy each, the directions, QR, SVD, truncation and transport run on the stacked tensors
 (each adapter keeps its own Adam step count and its own new rank), and factors and state go back
@@ -52,6 +53,8 @@ class _Bucket:
     p: Tensor
     sigma: Tensor
     qh: Tensor
+    available: Tensor
+    """Per adapter, the number of non-zero singular values of ``Ŝ`` before the shrinkage."""
 
 
 register_optimizer_step_pre_hook(refuse_plain_optimizer)
@@ -249,9 +252,10 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
     def _augment(
         self, layers: list[GeoLoRALayer], r: int, r_max: int, r_min: int, group: dict
     ) -> _Bucket:
-        """Base-rule directions, ``S₁ = (1 − λ·wd) S − λ D_S``, both augmentations, ``Ŝ`` and its
-        SVD for the adapters of one bucket at once. Factors, gradients and moments are stacked
-        as blocks (see :mod:`geolora.base_rules`): one copy each for the whole bucket."""
+        """Base-rule directions, ``S₁ = (1 − λ·wd) S − λ D_S``, both augmentations, ``Ŝ``, its
+        SVD and the shrunk singular values for the adapters of one bucket at once. Factors,
+        gradients and moments are stacked as blocks (see :mod:`geolora.base_rules`): one copy
+        each for the whole bucket."""
         lr, decay = group["lr"], 1 - group["lr"] * group["weight_decay"]
         n, m = layers[0].out_features, layers[0].in_features
         rows = n + m + r
@@ -274,22 +278,27 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
         v_aug = integrator.augment_basis(v, d_l)
         s_hat = integrator.augmented_coefficients(decay * s - lr * d_s, u_aug, v_aug, lr)
         p, sigma, qh = torch.linalg.svd(s_hat, full_matrices=False)
-        return _Bucket(layers, states, r_max, r_min, moments, u_aug, v_aug, p, sigma, qh)
+        available = (sigma > 0).sum(-1)
+        if self.config.shrinkage > 0:
+            step = integrator.augmented_coefficients(-lr * d_s, u_aug, v_aug, lr)
+            sigma = integrator.shrink_singular_values(sigma, step, self.config.shrinkage)
+        return _Bucket(layers, states, r_max, r_min, moments, u_aug, v_aug, p, sigma, qh, available)
 
     def _choose_ranks(self, buckets: list[_Bucket], step: int) -> list[list[int]]:
         """New ranks per bucket from all singular values, moved to the host in one transfer."""
         cfg = self.config
         if cfg.freeze_ranks_after is not None and step >= cfg.freeze_ranks_after:
             return [[layer.current_rank for layer in b.layers] for b in buckets]
-        sizes = [b.sigma.numel() for b in buckets]
-        host = torch.cat([b.sigma.reshape(-1) for b in buckets]).double().cpu().split(sizes)
-        host = [h.view_as(b.sigma) for h, b in zip(host, buckets)]
+        parts = [t for b in buckets for t in (b.sigma.reshape(-1), b.available.to(b.sigma))]
+        moved = torch.cat(parts).double().cpu().split([t.numel() for t in parts])
+        host = [h.view_as(b.sigma) for h, b in zip(moved[0::2], buckets)]
+        avail = [a.long() for a in moved[1::2]]
         current = [[layer.current_rank for layer in b.layers] for b in buckets]
         if step < cfg.warmup_steps or (cfg.budget is None and cfg.truncation == "local"):
             tau = 0.0 if step < cfg.warmup_steps else cfg.tau
             return [
-                ranks.local_ranks(h, tau, b.r_min, b.r_max, cfg.rank_margin, c).tolist()
-                for h, b, c in zip(host, buckets, current)
+                ranks.local_ranks(h, tau, b.r_min, b.r_max, cfg.rank_margin, c, a).tolist()
+                for h, b, c, a in zip(host, buckets, current, avail)
             ]
         sigmas = [s for h in host for s in h]
         r_min = [b.r_min for b in buckets for _ in b.layers]
@@ -303,8 +312,9 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
             flat = ranks.budget_ranks(sigmas, cfg.budget, costs, r_min, r_max)
         else:
             flat_current = [c for cs in current for c in cs]
+            flat_avail = [int(x) for a in avail for x in a]
             flat = ranks.global_tau_ranks(
-                sigmas, cfg.tau, r_min, r_max, cfg.rank_margin, flat_current
+                sigmas, cfg.tau, r_min, r_max, cfg.rank_margin, flat_current, flat_avail
             )
         it = iter(flat)
         return [[next(it) for _ in b.layers] for b in buckets]

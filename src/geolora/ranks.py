@@ -22,7 +22,11 @@ descending, and returns how many to keep (the leading ones), clipped to ``[r_min
   each layer keeping at least ``r_min`` (a cost of 1 per value gives a total-rank budget; a cost
   of ``n + m + 1`` gives a parameter budget). No margin: the budget is exact.
 
-A step that is zero altogether (``σ = 0``: no gradient and no coefficients yet) keeps the
+The rules see the singular values after the shrinkage (:func:`geolora.integrator.
+shrink_singular_values`), which sets those of directions the gradient does not keep feeding to
+zero. Margin triplets may carry such a zero (their bases stay, so they get the first-order
+gradient next step); ``available``, the number of non-zero values before the shrinkage, bounds
+them. A step that is zero altogether (``σ = 0``: no gradient and no coefficients yet) keeps the
 layer's current rank: there is nothing to decide from.
 """
 
@@ -42,25 +46,39 @@ def _tail_norms(sigma: Tensor) -> Tensor:
 
 
 def with_margin(
-    r_tau: Tensor, sigma: Tensor, margin: float, r_min: int, r_max: int, current: Tensor
+    r_tau: Tensor,
+    sigma: Tensor,
+    margin: float,
+    r_min: int,
+    r_max: int,
+    current: Tensor,
+    available: Tensor | None = None,
 ) -> Tensor:
-    """``clip(r_τ + ⌈ρ r_τ⌉, r_min, r_max)`` counting only non-zero ``σ`` (…, k), or ``current``
-    where all of a layer's ``σ`` vanish."""
+    """``clip(r_τ + ⌈ρ r_τ⌉, r_min, r_max)`` with at most ``available`` (…,) triplets (default:
+    the non-zero ``σ`` (…, k)), or ``current`` where all of a layer's ``σ`` vanish."""
     nonzero = (sigma > 0).sum(-1)
-    keep = torch.minimum(r_tau + torch.ceil(margin * r_tau).long(), nonzero)
+    available = nonzero if available is None else torch.as_tensor(available)
+    keep = torch.minimum(r_tau + torch.ceil(margin * r_tau).long(), available)
     keep = torch.where(nonzero == 0, current, keep)
     return keep.clamp(min=r_min, max=min(r_max, sigma.shape[-1]))
 
 
 def local_ranks(
-    sigma: Tensor, tau: float, r_min: int, r_max: int, margin: float = 0.0, current=None
+    sigma: Tensor,
+    tau: float,
+    r_min: int,
+    r_max: int,
+    margin: float = 0.0,
+    current=None,
+    available=None,
 ) -> Tensor:
     """Ranks (…,) by the relative tolerance ``τ`` plus the growth margin for ``sigma`` (…, k);
-    ``current`` (…,) ranks are kept where ``σ = 0`` (default ``r_min``)."""
+    ``current`` (…,) ranks are kept where ``σ = 0`` (default ``r_min``); ``available`` as in
+    :func:`with_margin`."""
     r_tau = (_tail_norms(sigma) > tau * sigma.norm(dim=-1, keepdim=True)).sum(-1)
     if current is None:
         current = torch.full_like(r_tau, r_min)
-    return with_margin(r_tau, sigma, margin, r_min, r_max, torch.as_tensor(current))
+    return with_margin(r_tau, sigma, margin, r_min, r_max, torch.as_tensor(current), available)
 
 
 def global_tau_ranks(
@@ -70,6 +88,7 @@ def global_tau_ranks(
     r_max: Sequence[int],
     margin: float = 0.0,
     current: Sequence[int] | None = None,
+    available: Sequence[int] | None = None,
 ) -> list[int]:
     """One relative tolerance over all layers: drop the smallest singular values network-wide
     whose joint norm stays below ``τ ‖σ_all‖₂``; then each layer's margin."""
@@ -78,9 +97,10 @@ def global_tau_ranks(
     n_keep = int((_tail_norms(ordered) > tau * ordered.norm()).sum())
     cutoff = ordered[n_keep - 1] if n_keep else ordered.new_tensor(float("inf"))
     current = list(r_min) if current is None else current
+    available = [None] * len(sigmas) if available is None else available
     return [
-        int(with_margin((s >= cutoff).sum(), s, margin, lo, hi, torch.tensor(c)))
-        for s, lo, hi, c in zip(sigmas, r_min, r_max, current)
+        int(with_margin((s >= cutoff).sum(), s, margin, lo, hi, torch.tensor(c), a))
+        for s, lo, hi, c, a in zip(sigmas, r_min, r_max, current, available)
     ]
 
 
