@@ -158,6 +158,9 @@ def test_double_injection_refused(tiny_bert):
     [
         ({"tau": 1.0}, "tau must lie in"),
         ({"tau": -0.1}, "tau must lie in"),
+        ({"shrinkage": 1.0}, "shrinkage must lie in"),
+        ({"shrinkage": -0.01}, "shrinkage must lie in"),
+        ({"rank_margin": 1.5}, "rank_margin must lie in"),
         ({"r": 16, "r_max": 8}, "larger than r_max"),
         ({"r": 0}, "positive integer"),
         ({"r_min": 4, "r": 2}, "larger than r="),
