@@ -185,7 +185,7 @@ def test_vit_patch_projection_is_a_conv2d_adapter():
         num_attention_heads=2, intermediate_size=24, num_labels=3,
     )  # fmt: skip
     model = ViTForImageClassification(config).eval()
-    cfg = GeoLoRAConfig(target_modules=["projection", "q_proj", "v_proj"], r=2)
+    cfg = GeoLoRAConfig(target_modules=["projection"], r=2)
     get_geolora_model(model, cfg)
     proj = model.vit.embeddings.patch_embeddings.projection
     assert isinstance(proj, GeoLoRAConv2d) and proj.weight.shape == (16, 3, 4, 4)

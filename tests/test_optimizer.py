@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -409,3 +410,24 @@ def test_plain_optimizer_on_factors_raises_before_changing_anything(tiny_bert):
     head_only.add_param_group({"params": [query.U]})
     with pytest.raises(PlainOptimizerError, match="AdamW is about to step 1 GeoLoRA factor"):
         head_only.step()
+
+
+def test_step_without_adapter_gradients_warns_once():
+    """A loss that bypasses the adapters (e.g. reentrant checkpointing on a frozen model with
+    transformers < 5) would leave them untrained in silence: the optimizer says so, once."""
+    net, _, _, _ = _regression(2, r0=2)
+    head = nn.Linear(48, 1, dtype=torch.float64)
+    net.append(head)
+    head.requires_grad_(True)
+    opt = GeoLoRAOptimizer(net, lr=1e-2)
+    before = net[0].U.detach().clone()
+    x = torch.randn(4, 48, dtype=torch.float64)
+    with pytest.warns(UserWarning, match="no gradient on any adapter.*enable_input_require_grads"):
+        head(x).sum().backward()
+        opt.step()
+    opt.zero_grad()
+    head(x).sum().backward()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt.step()  # once only
+    assert torch.equal(net[0].U, before)

@@ -29,6 +29,7 @@ from torch.optim.adamw import adamw
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from . import base_rules, integrator, ranks
+from ._torch_compat import foreach_add_, foreach_copy_, foreach_norm
 from .base_rules import MOMENT_KEYS, SCALAR_KEYS, split_block
 from .config import GeoLoRAConfig
 from .guard import refuse_plain_optimizer
@@ -173,7 +174,7 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
         grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
         if not grads:
             return
-        norms = torch._foreach_norm(grads)
+        norms = foreach_norm(grads)
         if bool(torch.stack(norms).isfinite().all()):
             return
         bad = [
@@ -240,6 +241,7 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
                 key = (u.shape[0], layer.in_features, layer.current_rank, u.shape[1], r_min)
                 shapes[key + (u.dtype, u.device)].append(layer)
         if not shapes:
+            self._warn_no_adapter_gradient()
             return
         buckets = [
             self._augment(layers, key[2], key[3], key[4], group) for key, layers in shapes.items()
@@ -248,6 +250,19 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
         for bucket, ranks_b in zip(buckets, new_ranks):
             self._truncate(bucket, ranks_b, group)
         group["steps"] += 1
+
+    def _warn_no_adapter_gradient(self) -> None:
+        """Warn once when a step finds no adapter gradient: the adapters then never train."""
+        if getattr(self, "_warned_no_gradient", False):
+            return
+        self._warned_no_gradient = True
+        warnings.warn(
+            "GeoLoRAOptimizer.step() found no gradient on any adapter, so no adapter changed. "
+            "Check that the loss depends on the adapted modules; with reentrant gradient "
+            "checkpointing on a frozen model (transformers < 5 does not do this for you), call "
+            "model.enable_input_require_grads() before training.",
+            stacklevel=3,
+        )
 
     def _augment(
         self, layers: list[GeoLoRALayer], r: int, r_max: int, r_min: int, group: dict
@@ -262,7 +277,7 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
         rule, hyper = base_rules.get_base_rule(group["base_rule"]), _hyper(group)
         states = [self._layer_state(layer, group) for layer in layers]
         steps = [state["step"] for state in states]
-        torch._foreach_add_(steps, 1)
+        foreach_add_(steps, 1)
         moments = {}
         for kind in rule.kinds(hyper):
             if kind in SCALAR_KEYS:
@@ -343,7 +358,7 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
             [[state[key] for state in bucket.states] for key in moved], list(moved.values())
         )
         for key, stacked in scalars.items():
-            torch._foreach_copy_([state[key] for state in bucket.states], list(stacked.view(-1)))
+            foreach_copy_([state[key] for state in bucket.states], list(stacked.view(-1)))
         for state, r in zip(bucket.states, new_ranks):
             state["rank"] = r
 

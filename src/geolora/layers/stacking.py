@@ -1,5 +1,6 @@
 """Batched copies into the fixed-size factors of many layers at once (for the optimizer's buckets):
-one ``torch._foreach_copy_`` per call instead of one Python call per tensor."""
+one multi-tensor copy per call (``torch._foreach_copy_`` where torch has it) instead of one
+Python call per tensor."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from .._torch_compat import foreach_copy_
 from .base import GeoLoRALayer
 
 __all__ = ["WHOLE_COPY_BYTES", "copy_whole", "set_stacked_factors", "write_leading"]
@@ -42,7 +44,7 @@ def write_leading(targets: Sequence[Sequence[Tensor]], sources: Sequence[Tensor]
             part += [t[:rows, :cols] for t in ts]
             part_src += x.unbind()
     if whole or part:
-        torch._foreach_copy_(whole + part, whole_src + part_src)
+        foreach_copy_(whole + part, whole_src + part_src)
 
 
 @torch.no_grad()
