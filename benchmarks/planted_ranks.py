@@ -4,7 +4,10 @@ The teacher is all-MiniLM-L6-v2 with planted changes of rank 0 / 2 / 8 / 24 on i
 maps, the student the pretrained model with adapters on the same maps, fitted to the teacher's
 last hidden states (:mod:`planted`). Methods, each run once (seed 0):
 
-* GeoLoRA from r = 1, 4, 16 with the library's defaults (optimizer and config);
+* GeoLoRA from r = 1, 4, 16 with the library's defaults (optimizer and config), and the same
+  with ``truncation="global"`` (one τ over the singular values of all 36 maps);
+* GeoLoRA at a fixed rank 16 (``freeze_ranks_after=0``, no shrinkage): the integrator and base
+  rule without any rank decision, to tell a loss gap of the optimizer from one of the ranks;
 * peft LoRA r = 4 / 8 / 16 (``lora_alpha = 2r``, AdamW);
 * peft AdaLoRA from ``init_r = 32`` to ``target_r = ⌊planted total rank / 36⌋`` (its budget is
   ``target_r`` per module on average, the largest one within the planted total);
@@ -41,7 +44,14 @@ NUMERICAL_TAU = 0.1
 def specs(budget_rank: int, n_modules: int, smoke: bool) -> list[tuple[str, str, dict[str, Any]]]:
     """(label, method, hyper) of every run; GeoLoRA gets no lr (the optimizer's default)."""
     target_r = budget_rank // n_modules
-    rows = [(f"GeoLoRA r={r}", "geolora", {"r": r}) for r in ((1, 16) if smoke else (1, 4, 16))]
+    starts = (1, 16) if smoke else (1, 4, 16)
+    rows = [(f"GeoLoRA r={r}", "geolora", {"r": r}) for r in starts]
+    rows += [
+        (f"GeoLoRA r={r}, global τ", "geolora", {"r": r, "truncation": "global"})
+        for r in ((4,) if smoke else starts)
+    ]
+    fixed = {"r": 16, "freeze_ranks_after": 0, "shrinkage": 0.0}
+    rows.append(("GeoLoRA fixed r=16", "geolora", fixed))
     rows += [
         (f"LoRA r={r}", "lora", {"r": r, "lora_alpha": 2.0 * r, "lr": LORA_LR})
         for r in ((4,) if smoke else (4, 8, 16))

@@ -11,7 +11,10 @@ batch and threads, timed interleaved step by step in one process (median of many
   table gives the total rank at the end). LoRA r = 8; AdaLoRA init_r = 8 → target_r = 4 kept
   inside its budgeting phase (importance scores and masking every step, its costliest phase).
 * The thread switch: GeoLoRAOptimizer runs its geometric step on one CPU thread and sets the
-  thread count back afterwards; its cost is timed alone (``torch.set_num_threads(1)`` and back).
+  thread count back afterwards; its cost is timed alone (``torch.set_num_threads(1)`` and back)
+  and in its effect on the rest of the step: a second LoRA r = 8 model that makes the same
+  switch after each of its optimizer steps runs in the same interleaved rounds
+  ("LoRA + thread switch"), so a slower next forward (OpenMP threads waking up) would show.
 * The geometric step's share and its breakdown (QR, SVD, base rule and state transport,
   assembly/truncation) come from ``cProfile`` of ``GeoLoRAOptimizer.step``.
 * Batched vs looped QR/SVD: the 12 adapters share one shape; the optimizer stacks them.
@@ -63,12 +66,16 @@ def _prepared() -> dict[str, methods.Prepared]:
     for label, (method, hyper) in PEFT_METHODS.items():
         torch.manual_seed(0)
         out[label] = methods.prepare(method, hyper, minilm.load_model(), 1000, TARGETS)
+    torch.manual_seed(0)
+    lora_hyper = PEFT_METHODS["LoRA"][1]
+    out[SWITCHING] = methods.prepare("lora", lora_hyper, minilm.load_model(), 1000, TARGETS)
     for prep in out.values():
         prep.model.train()
     return out
 
 
 THREAD_COUNTS = (1, 2)
+SWITCHING = "LoRA + thread switch"
 GEOLORA_LABELS = ("GeoLoRA", "GeoLoRA defaults")
 
 
@@ -88,6 +95,9 @@ def _interleaved(preps, enc, labels, rounds: int, threads: int):
             out.loss.backward()
             t1 = time.perf_counter()
             prep.optimizer.step()
+            if label == SWITCHING:
+                torch.set_num_threads(1)
+                torch.set_num_threads(threads)
             if prep.method == "adalora":
                 prep.model.base_model.update_and_allocate(prep.step)
             prep.optimizer.zero_grad(set_to_none=True)
@@ -205,7 +215,7 @@ def _memory(prep: methods.Prepared) -> dict[str, int]:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = common.parse_args(__doc__.splitlines()[0], argv)
     torch.set_num_threads(minilm.THREADS)
-    batch_size, length, rounds = (4, 16, 3) if args.smoke else (16, 40, 20)
+    batch_size, length, rounds = (4, 16, 3) if args.smoke else (16, 40, 60)
     from geolora import rank_report
     from geolora.data import load_rotten_tomatoes
 
@@ -245,8 +255,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     met = all(r[f"{g}/LoRA"] <= 1.05 for r in ratios.values() for g in GEOLORA_LABELS)
     paired = {
         t: {
-            name: statistics.quantiles([g / o for g, o in zip(times["GeoLoRA"], times[other])], n=4)
-            for name, other in (("GeoLoRA/LoRA", "LoRA"), ("GeoLoRA/AdaLoRA", "AdaLoRA"))
+            f"{num}/{den}": statistics.quantiles(
+                [x / y for x, y in zip(times[num], times[den])], n=4
+            )
+            for num, den in (("GeoLoRA", "LoRA"), ("GeoLoRA", "AdaLoRA"), (SWITCHING, "LoRA"))
         }
         for t, (times, _) in by_threads.items()
     }
@@ -276,7 +288,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             for t, r in ratios.items()
         )
         + f". Target (≤ 1.05 × LoRA at 1 and 2 threads): **{'met' if met else 'missed'}**. "
-        "Per-round paired ratios at equal rank, median (quartiles): "
+        "Per-round paired ratios (GeoLoRA at equal rank), median (quartiles): "
         + "; ".join(
             f"{t} thread(s) "
             + ", ".join(f"{k} {q[1]:.3f} ({q[0]:.3f}–{q[2]:.3f})" for k, q in p.items())
@@ -285,7 +297,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         + ".",
         "",
         f"The thread switch of the geometric step (``torch.set_num_threads(1)`` and back) costs "
-        f"{1e6 * switch_s:.1f} µs.",
+        f"{1e6 * switch_s:.1f} µs. Its effect on the rest of the step: the LoRA model that "
+        "switches after each of its steps runs at "
+        + ", ".join(f"{med[t][SWITCHING] / med[t]['LoRA']:.3f} ×" for t in THREAD_COUNTS)
+        + f" LoRA's step at {' and '.join(map(str, THREAD_COUNTS))} thread(s).",
         "",
     ]
     one = THREAD_COUNTS[0]

@@ -184,6 +184,9 @@ def test_planted_table_truncates_within_the_budget_and_lists_every_module(smoke_
     assert all(r["total_rank"] <= budget for r in truncated)
     ada = next(r for r in data["rows"] if r["label"].startswith("AdaLoRA"))
     assert ada["total_rank"] <= budget
+    fixed = next(r for r in data["rows"] if r["label"] == "GeoLoRA fixed r=16")
+    assert set(fixed["ranks"].values()) == {16}  # no rank decision at all
+    assert any("global τ" in r["label"] for r in data["rows"])
 
 
 def test_real_task_tables_adapt_all_six_layers(smoke_out):
