@@ -39,7 +39,18 @@ def test_step_overhead_reports_ratios_and_breakdown(smoke_out):
     data = json.loads((smoke_out / "step_overhead.json").read_text())
     assert set(data["median_step_s"]) == {"1", "2"}  # both thread counts in one run
     for threads, med in data["median_step_s"].items():
-        assert set(med) == {"GeoLoRA", "GeoLoRA defaults", "LoRA", "AdaLoRA"}
+        assert set(med) == {
+            "GeoLoRA",
+            "GeoLoRA defaults",
+            "LoRA",
+            "AdaLoRA",
+            "LoRA + thread switch",
+        }
+        assert set(data["paired_ratio_quartiles"][threads]) == {
+            "GeoLoRA/LoRA",
+            "GeoLoRA/AdaLoRA",
+            "LoRA + thread switch/LoRA",
+        }
         assert data["ratios"][threads]["GeoLoRA/LoRA"] == pytest.approx(
             med["GeoLoRA"] / med["LoRA"]
         )

@@ -93,19 +93,28 @@ class BaseRule:
         raise NotImplementedError
 
     def directions(
-        self, moments: dict[str, Tensor], grad: Tensor, steps: Tensor, hyper: Hyper
+        self, moments: dict[str, Tensor], grad: Tensor, steps: Tensor, hyper: Hyper, active: Tensor
     ) -> tuple[dict[str, Tensor], Tensor]:
         """Directions for the stacked gradient blocks ``grad`` (B, rows, r) and the stacked
         moments (``{kind: tensor}``); ``steps`` (B,) are the adapters' step counts including this
-        step. Returns ``(updated moments, directions)``; nothing is changed in place."""
+        step, ``active`` (B,) their ranks (columns beyond are zero padding, rows too in the
+        ``S``-part). Returns ``(updated moments, directions)``; nothing is changed in place."""
         raise NotImplementedError
 
     def transport(
-        self, moments: dict[str, Tensor], n: int, m: int, c_u: Tensor, c_v: Tensor, live: Tensor
+        self,
+        moments: dict[str, Tensor],
+        n: int,
+        m: int,
+        c_u: Tensor,
+        c_v: Tensor,
+        live: Tensor,
+        active: Tensor,
     ) -> dict[str, Tensor]:
         """The updated moments rewritten in the new bases, ``{state key: stacked tensor}``:
         blocks (B, rows, k) for the ``k`` rows of ``c_u``, ``c_v`` (B, k, r), zero beyond each
-        adapter's new rank (``live`` (B, k) is 1 below it, 0 beyond); scalars (B, 1, 1)."""
+        adapter's new rank (``live`` (B, k) is 1 below it, 0 beyond); scalars (B, 1, 1).
+        ``active`` (B,) are the ranks before the step, as in :meth:`directions`."""
         out = {}
         if "first" in moments:
             out.update(_rotate_first(moments["first"], n, m, c_u, c_v))
@@ -130,7 +139,7 @@ class SGD(BaseRule):
     def kinds(self, hyper: Hyper) -> tuple[str, ...]:
         return ("first",) if hyper.momentum > 0 else ()
 
-    def directions(self, moments, grad, steps, hyper):
+    def directions(self, moments, grad, steps, hyper, active):
         if hyper.momentum == 0:
             return {}, grad
         first = moments["first"] * hyper.momentum + grad
@@ -143,7 +152,7 @@ class Adam(BaseRule):
     def kinds(self, hyper: Hyper) -> tuple[str, ...]:
         return ("first", "second")
 
-    def directions(self, moments, grad, steps, hyper):
+    def directions(self, moments, grad, steps, hyper, active):
         beta1, beta2 = hyper.betas
         c1, c2 = _bias_corrections(steps, hyper.betas, grad)
         first = moments["first"].lerp(grad, 1 - beta1)
@@ -151,17 +160,18 @@ class Adam(BaseRule):
         d = (first / c1) / ((second / c2).sqrt() + hyper.eps)
         return {"first": first, "second": second}, d
 
-    def transport(self, moments, n, m, c_u, c_v, live):
-        out = super().transport(moments, n, m, c_u, c_v, live)
+    def transport(self, moments, n, m, c_u, c_v, live, active):
+        out = super().transport(moments, n, m, c_u, c_v, live, active)
         k, l, s = split_block(moments["second"], n, m)
         cu2, cv2 = c_u.square(), c_v.square()
         w_u, w_v = cu2.sum(-1).clamp(max=1), cv2.sum(-1).clamp(max=1)
-        out["K_sq"] = _fill_new(k, k @ cv2.transpose(-1, -2), live - w_v)
-        out["L_sq"] = _fill_new(l, l @ cu2.transpose(-1, -2), live - w_u)
+        out["K_sq"] = _fill_new(k, k @ cv2.transpose(-1, -2), live - w_v, active)
+        out["L_sq"] = _fill_new(l, l @ cu2.transpose(-1, -2), live - w_u, active)
         both = live.unsqueeze(-1) * live.unsqueeze(-2)
         missing_s = (both - w_u.unsqueeze(-1) * w_v.unsqueeze(-2)).clamp(min=0)
         moved_s = cu2 @ s @ cv2.transpose(-1, -2)
-        out["S_sq"] = moved_s + s.mean(dim=(-2, -1), keepdim=True) * missing_s
+        s_mean = s.sum(dim=(-2, -1), keepdim=True) / _per_adapter(active * active)
+        out["S_sq"] = moved_s + s_mean * missing_s
         return out
 
 
@@ -171,25 +181,32 @@ class RiemannianAdam(BaseRule):
     def kinds(self, hyper: Hyper) -> tuple[str, ...]:
         return ("first", "scalar_second")
 
-    def directions(self, moments, grad, steps, hyper):
+    def directions(self, moments, grad, steps, hyper, active):
         beta1, beta2 = hyper.betas
         c1, c2 = _bias_corrections(steps, hyper.betas, grad)
         first = moments["first"].lerp(grad, 1 - beta1)
-        mean_sq = grad.square().mean(dim=(-2, -1), keepdim=True)
+        rows = grad.shape[-2] - grad.shape[-1] + active  # n + m + r per adapter
+        mean_sq = grad.square().sum(dim=(-2, -1), keepdim=True) / _per_adapter(rows * active)
         second = moments["scalar_second"].lerp(mean_sq, 1 - beta2)
         d = (first / c1) / ((second / c2).sqrt() + hyper.eps)
         return {"first": first, "scalar_second": second}, d
 
-    def transport(self, moments, n, m, c_u, c_v, live):
-        out = super().transport(moments, n, m, c_u, c_v, live)
+    def transport(self, moments, n, m, c_u, c_v, live, active):
+        out = super().transport(moments, n, m, c_u, c_v, live, active)
         out[SCALAR_KEYS["scalar_second"]] = moments["scalar_second"]
         return out
 
 
-def _fill_new(old_sq: Tensor, moved: Tensor, missing: Tensor) -> Tensor:
-    """``moved`` plus the row means of ``old_sq`` (B, a, r) times the missing share (B, k) of
-    each new column."""
-    return moved + old_sq.mean(dim=-1, keepdim=True) * missing.unsqueeze(-2)
+def _per_adapter(counts: Tensor) -> Tensor:
+    """Integer counts (B,) as a (B, 1, 1) divisor."""
+    return counts.view(-1, 1, 1)
+
+
+def _fill_new(old_sq: Tensor, moved: Tensor, missing: Tensor, active: Tensor) -> Tensor:
+    """``moved`` plus the row means of ``old_sq`` (B, a, r) over each adapter's ``active``
+    columns times the missing share (B, k) of each new column."""
+    row_means = old_sq.sum(dim=-1, keepdim=True) / _per_adapter(active)
+    return moved + row_means * missing.unsqueeze(-2)
 
 
 BASE_RULES: dict[str, BaseRule] = {

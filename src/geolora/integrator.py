@@ -17,6 +17,13 @@ stepped together. Notation for one adapter ``W = W0 + s·U S Vᵀ`` (``U``: n×r
   which is the paper's ``[[S₁, L₁ᵀṼ], [ŨᵀK₁, 0]]`` written in the re-orthonormalised basis, so
   that ``Û Ŝ V̂ᵀ = U S₁ Vᵀ − λ (I − UUᵀ) D_K Vᵀ − λ U D_Lᵀ (I − VVᵀ)``. With SGD directions this
   is the tangent-space step ``U S Vᵀ − λ P(G)``, ``P(G) = UUᵀG + GVVᵀ − UUᵀGVVᵀ``.
+* Padded adapters: an adapter of rank ``rᵢ`` stepped with wider ones (width ``r``) carries zero
+  columns ``rᵢ … r − 1`` in ``U``, ``V``, ``S`` and the directions. The QR then gives arbitrary
+  orthonormal columns ``q_j`` at those positions, and the part of ``D_K`` along them lands in
+  rows ``rᵢ … r − 1`` of ``R₁₂`` rather than in ``R₂₂``; it lies outside span(U) all the same.
+  So with ``Pᵘ`` = those rows of ``R₁₂ᵘ`` (zero elsewhere) the top-left block gains
+  ``−λ Pᵘ R₁₁ᵛᵀ − λ R₁₁ᵘ Pᵛᵀ``, and ``Ŝ`` represents exactly the adapter's own step in a basis
+  with ``r − rᵢ`` extra directions that carry nothing (``augment_basis(..., active=rᵢ)``).
 * Shrinkage (``μ`` = ``GeoLoRAConfig.shrinkage``): ``Ŝ = P Σ Qᵀ``, then
   ``σᵢ ← max(σᵢ − μ‖ΔŜ‖₂, 0)`` where ``ΔŜ`` is ``Ŝ`` with ``S₁`` replaced by ``−λ D_S``: the
   step's own contribution. This is the proximal step of a nuclear-norm penalty whose weight is
@@ -47,17 +54,21 @@ class AugmentedBasis:
     """Result of :func:`augment_basis` for one side (U or V).
 
     ``basis = [Q₁ | Q₂]`` (…, n, r + k) orthonormal; ``r11`` (…, r, r) with ``old = Q₁ r11``;
-    ``r22`` (…, k, r) with ``(I − old oldᵀ) D = Q₂ r22``.
+    ``r22`` (…, k, r) with ``(I − old oldᵀ) D = Q₁ padded + Q₂ r22``, where ``padded`` (…, r, r)
+    holds the rows of ``R₁₂`` at the zero columns of padded adapters (None: no padding).
     """
 
     basis: Tensor
     r11: Tensor
     r22: Tensor
+    padded: Tensor | None = None
 
 
-def augment_basis(old: Tensor, direction: Tensor) -> AugmentedBasis:
+def augment_basis(old: Tensor, direction: Tensor, active: Tensor | None = None) -> AugmentedBasis:
     """Augment an orthonormal basis ``old`` (…, n, r) by the directions of ``direction``
     (…, n, r) that lie outside its span: ``[old | D] = Q R``, ``k = min(r, n − r)`` new columns.
+    ``active`` (…,) gives the ranks of padded adapters (columns beyond them zero in ``old`` and
+    ``direction``; see the module docstring).
 
     The augmentation is never capped at ``r_max``: a layer at ``r_max`` still sees ``r`` new
     directions, so its bases keep rotating; the truncation caps the rank afterwards (spec §2
@@ -66,7 +77,11 @@ def augment_basis(old: Tensor, direction: Tensor) -> AugmentedBasis:
     r = old.shape[-1]
     k = min(r, old.shape[-2] - r)
     q, rr = torch.linalg.qr(torch.cat([old, direction], dim=-1), mode="reduced")
-    return AugmentedBasis(q[..., :, : r + k], rr[..., :r, :r], rr[..., r : r + k, r:])
+    padded = None
+    if active is not None:
+        beyond = torch.arange(r, device=old.device) >= active.unsqueeze(-1)
+        padded = rr[..., :r, r:] * beyond.unsqueeze(-1).to(rr)
+    return AugmentedBasis(q[..., :, : r + k], rr[..., :r, :r], rr[..., r : r + k, r:], padded)
 
 
 def augmented_coefficients(
@@ -75,6 +90,10 @@ def augmented_coefficients(
     """Assemble ``Ŝ`` (…, r + kᵤ, r + kᵥ) from the updated coefficients ``s1`` (…, r, r) and the
     two augmentations of ``[U | D_K]`` and ``[V | D_L]`` (see the module docstring)."""
     top_left = u_aug.r11 @ s1 @ v_aug.r11.transpose(-1, -2)
+    if u_aug.padded is not None:
+        top_left = top_left - lr * (u_aug.padded @ v_aug.r11.transpose(-1, -2))
+    if v_aug.padded is not None:
+        top_left = top_left - lr * (u_aug.r11 @ v_aug.padded.transpose(-1, -2))
     top_right = -lr * (u_aug.r11 @ v_aug.r22.transpose(-1, -2))
     bottom_left = -lr * (u_aug.r22 @ v_aug.r11.transpose(-1, -2))
     ku, kv = u_aug.r22.shape[-2], v_aug.r22.shape[-2]

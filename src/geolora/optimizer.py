@@ -5,11 +5,13 @@ Per adapter (spec §2): directions ``D_K, D_L, D_S`` from the base rule (:mod:`g
 both bases, the augmented coefficients, an SVD, the shrinkage of the singular values
 (:func:`geolora.integrator.shrink_singular_values`), the rank decision (:mod:`geolora.ranks`),
 the truncation, and the transport of the optimizer state to the new bases. Adapters sharing a shape
-and rank form a bucket that is stepped as one batch: gradients, factors and moments are stacked
-with one copy each, the directions, QR, SVD, truncation and transport run on the stacked tensors
-(each adapter keeps its own Adam step count and its own new rank), and factors and state go back
-with one copy per bucket. The singular values of all layers reach the host in one transfer, which
-is the only device sync of the step besides the finiteness check.
+form a bucket that is stepped as one batch, whatever their ranks while ``2r ≤ min(n, m)`` (the
+narrower ones zero-padded to the widest, see :mod:`geolora.integrator`; wider ones only with
+adapters of their own rank): gradients, factors and moments are stacked with one copy each, the
+directions, QR, SVD, truncation and transport run on the stacked tensors (each adapter keeps its
+own Adam step count, rank and new rank), and factors and state go back with one copy per bucket.
+The singular values of all layers reach the host in one transfer, which is the only device sync
+of the step besides the finiteness check.
 
 Other trainable parameters (heads, ``modules_to_save``) get an ordinary AdamW step inside the
 same ``step()``, so learning-rate schedulers, gradient clipping and accumulation work as usual.
@@ -49,6 +51,8 @@ class _Bucket:
     r_max: int
     r_min: int
     moments: dict[str, Tensor]
+    active: Tensor
+    """Per adapter, its rank before the step (the bucket's width may be larger)."""
     u_aug: integrator.AugmentedBasis
     v_aug: integrator.AugmentedBasis
     p: Tensor
@@ -231,21 +235,22 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
         return state
 
     def _geometric_step(self, group: dict) -> None:
-        """Step every adapter with a gradient, in buckets of equal shape and rank (and
-        ``r_min``, ``dtype``, device), which are stepped as one batch each."""
+        """Step every adapter with a gradient, in buckets of equal shape (and ``r_max``,
+        ``r_min``, ``dtype``, device), which are stepped as one batch each: all ranks with
+        ``2r ≤ min(n, m)`` share one bucket (zero-padded to the widest), larger ranks get one
+        bucket per rank."""
         shapes: dict[tuple, list[GeoLoRALayer]] = defaultdict(list)
         for layer in self._layers.values():
             u = layer.U
             if u.grad is not None:
-                r_min = min(layer.r_min, layer.r_max)
-                key = (u.shape[0], layer.in_features, layer.current_rank, u.shape[1], r_min)
+                n, m, r = u.shape[0], layer.in_features, layer.current_rank
+                width = None if 2 * r <= min(n, m) else r  # None: the padded bucket
+                key = (n, m, width, u.shape[1], min(layer.r_min, layer.r_max))
                 shapes[key + (u.dtype, u.device)].append(layer)
         if not shapes:
             self._warn_no_adapter_gradient()
             return
-        buckets = [
-            self._augment(layers, key[2], key[3], key[4], group) for key, layers in shapes.items()
-        ]
+        buckets = [self._augment(layers, key[3], key[4], group) for key, layers in shapes.items()]
         new_ranks = self._choose_ranks(buckets, group["steps"])
         for bucket, ranks_b in zip(buckets, new_ranks):
             self._truncate(bucket, ranks_b, group)
@@ -264,16 +269,17 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
             stacklevel=3,
         )
 
-    def _augment(
-        self, layers: list[GeoLoRALayer], r: int, r_max: int, r_min: int, group: dict
-    ) -> _Bucket:
+    def _augment(self, layers: list[GeoLoRALayer], r_max: int, r_min: int, group: dict) -> _Bucket:
         """Base-rule directions, ``S₁ = (1 − λ·wd) S − λ D_S``, both augmentations, ``Ŝ``, its
         SVD and the shrunk singular values for the adapters of one bucket at once. Factors,
         gradients and moments are stacked as blocks (see :mod:`geolora.base_rules`): one copy
         each for the whole bucket."""
         lr, decay = group["lr"], 1 - group["lr"] * group["weight_decay"]
         n, m = layers[0].out_features, layers[0].in_features
-        rows = n + m + r
+        ranks_b = [layer.current_rank for layer in layers]
+        r, rows = max(ranks_b), n + m + max(ranks_b)
+        active = torch.tensor(ranks_b).to(layers[0].U.device, non_blocking=True)
+        padded = active if min(ranks_b) < r else None
         rule, hyper = base_rules.get_base_rule(group["base_rule"]), _hyper(group)
         states = [self._layer_state(layer, group) for layer in layers]
         steps = [state["step"] for state in states]
@@ -286,18 +292,22 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
                 blocks = [st[key] for st in states for key in MOMENT_KEYS[kind]]
                 moments[kind] = _stack_blocks(blocks, r)[:, :rows]
         grad = _stack_blocks([t.grad for layer in layers for t in _factors(layer)], r)[:, :rows]
-        moments, d = rule.directions(moments, grad, torch.stack(steps), hyper)
+        moments, d = rule.directions(moments, grad, torch.stack(steps), hyper, active)
         u, v, s = split_block(_stack_blocks([t for la in layers for t in _factors(la)], r), n, m)
         d_k, d_l, d_s = split_block(d, n, m)
-        u_aug = integrator.augment_basis(u, d_k)
-        v_aug = integrator.augment_basis(v, d_l)
+        u_aug = integrator.augment_basis(u, d_k, padded)
+        v_aug = integrator.augment_basis(v, d_l, padded)
         s_hat = integrator.augmented_coefficients(decay * s - lr * d_s, u_aug, v_aug, lr)
         p, sigma, qh = torch.linalg.svd(s_hat, full_matrices=False)
-        available = (sigma > 0).sum(-1)
+        # the padding's zero σ may come out as rounding: at most rᵢ + min(rᵢ, n − rᵢ, m − rᵢ)
+        own = active + torch.minimum(active, torch.minimum(n - active, m - active))
+        available = torch.minimum((sigma > 0).sum(-1), own)
         if self.config.shrinkage > 0:
             step = integrator.augmented_coefficients(-lr * d_s, u_aug, v_aug, lr)
             sigma = integrator.shrink_singular_values(sigma, step, self.config.shrinkage)
-        return _Bucket(layers, states, r_max, r_min, moments, u_aug, v_aug, p, sigma, qh, available)
+        return _Bucket(
+            layers, states, r_max, r_min, moments, active, u_aug, v_aug, p, sigma, qh, available
+        )
 
     def _choose_ranks(self, buckets: list[_Bucket], step: int) -> list[list[int]]:
         """New ranks per bucket from all singular values, moved to the host in one transfer."""
@@ -352,7 +362,7 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
         c_v = integrator.coordinate_change(bucket.v_aug.r11, q1)
         n, m = u_basis.shape[-2], v_basis.shape[-2]
         rule = base_rules.get_base_rule(group["base_rule"])
-        moved = rule.transport(bucket.moments, n, m, c_u, c_v, keep.to(u_basis))
+        moved = rule.transport(bucket.moments, n, m, c_u, c_v, keep.to(u_basis), bucket.active)
         scalars = {k: moved.pop(k) for k in list(moved) if k in SCALAR_KEYS.values()}
         write_leading(
             [[state[key] for state in bucket.states] for key in moved], list(moved.values())
