@@ -145,6 +145,7 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
                 )
         super().__init__(groups, defaults)
         self._names = {id(p): n for n, p in model.named_parameters()}
+        self._warned_no_gradient = False
 
     # --- public ---------------------------------------------------------------------------
     @torch.no_grad()
@@ -258,7 +259,7 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
 
     def _warn_no_adapter_gradient(self) -> None:
         """Warn once when a step finds no adapter gradient: the adapters then never train."""
-        if getattr(self, "_warned_no_gradient", False):
+        if self._warned_no_gradient:
             return
         self._warned_no_gradient = True
         warnings.warn(
