@@ -156,14 +156,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     lines += ["", f"![accuracy vs parameters]({NAME}.png)"]
     _plot(rows, out / f"{NAME}.png")
     payload = {"seeds": list(seeds), "lrs": lrs, "rows": rows, "targets": targets}
-    common.write_table(
-        NAME,
-        common.command(NAME, args.smoke, args.extras),
-        "Accuracy at budget",
-        lines,
-        payload,
-        out,
-    )
+    common.publish(NAME, "Accuracy at budget", lines, payload, args)
     return payload
 
 

@@ -71,14 +71,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         + ".",
     ]
     payload = {"summary": summary, "winner": winner, "val_gap": gap, "tie_within_noise": tie}
-    common.write_table(
-        NAME,
-        common.command(NAME, args.smoke, args.extras),
-        "Base rule: adam vs sgd",
-        lines,
-        payload,
-        out,
-    )
+    common.publish(NAME, "Base rule: adam vs sgd", lines, payload, args)
     return payload
 
 

@@ -49,9 +49,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "|---|---|---|---|---|---|---|",
         *rows,
     ]
-    common.write_table(
-        NAME, common.command(NAME, args.smoke), "Default base rule", lines, payload, args.out
-    )
+    common.publish(NAME, "Default base rule", lines, payload, args)
     return payload
 
 

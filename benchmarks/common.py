@@ -194,6 +194,13 @@ def write_table(
     return results_dir / f"{name}.md"
 
 
+def publish(name: str, title: str, lines: list[str], payload: dict[str, Any], args: Any) -> Path:
+    """:func:`write_table` under ``args.out`` with the command that reproduces this run (the
+    script ``name`` with the options of ``args``, from :func:`parse_args`)."""
+    cmd = command(name, args.smoke, args.extras)
+    return write_table(name, cmd, title, lines, payload, args.out)
+
+
 def setup_note(setup: Setup) -> str:
     """One line describing the run size, for the tables."""
     trained = (

@@ -121,14 +121,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         *_rows(by_depth),
     ]
     payload = {"tokens": tokens, "reps": reps, "by_width": by_width, "by_depth": by_depth}
-    common.write_table(
-        NAME,
-        common.command(NAME, args.smoke, args.extras),
-        "Overhead vs width and depth",
-        lines,
-        payload,
-        args.out,
-    )
+    common.publish(NAME, "Overhead vs width and depth", lines, payload, args)
     return payload
 
 

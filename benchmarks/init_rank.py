@@ -77,14 +77,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             for res in runs
         ],
     }
-    common.write_table(
-        NAME,
-        common.command(NAME, args.smoke, args.extras),
-        "Initial-rank independence",
-        lines,
-        payload,
-        args.out,
-    )
+    common.publish(NAME, "Initial-rank independence", lines, payload, args)
     return payload
 
 

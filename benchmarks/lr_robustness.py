@@ -95,14 +95,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             for m, rs in runs.items()
         },
     }
-    common.write_table(
-        NAME,
-        common.command(NAME, args.smoke, args.extras),
-        "Learning-rate robustness",
-        lines,
-        payload,
-        args.out,
-    )
+    common.publish(NAME, "Learning-rate robustness", lines, payload, args)
     return payload
 
 

@@ -48,14 +48,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             for res in runs
         ],
     }
-    common.write_table(
-        NAME,
-        common.command(NAME, args.smoke, args.extras),
-        "Learning-rate sweep",
-        lines,
-        payload,
-        args.out,
-    )
+    common.publish(NAME, "Learning-rate sweep", lines, payload, args)
     return payload
 
 

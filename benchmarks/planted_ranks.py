@@ -258,14 +258,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "teacher": t,
         "rows": rows,
     }
-    common.write_table(
-        NAME,
-        common.command(NAME, args.smoke, args.extras),
-        "Planted ranks",
-        lines,
-        payload,
-        args.out,
-    )
+    common.publish(NAME, "Planted ranks", lines, payload, args)
     return payload
 
 

@@ -49,14 +49,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"| **total** | {total:.0f} |",
     ]
     payload = {"seconds": seconds, "total_s": total}
-    common.write_table(
-        "run_all",
-        common.command("run_all", args.smoke, args.extras),
-        "Benchmark suite timing",
-        lines,
-        payload,
-        args.out,
-    )
+    common.publish("run_all", "Benchmark suite timing", lines, payload, args)
     return payload
 
 

@@ -359,14 +359,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "memory_bytes": mem,
         "two_thread_optimizer_step_s": thread_effect,
     }
-    common.write_table(
-        NAME,
-        common.command(NAME, args.smoke, args.extras),
-        "Cost per step",
-        lines,
-        payload,
-        args.out,
-    )
+    common.publish(NAME, "Cost per step", lines, payload, args)
     return payload
 
 

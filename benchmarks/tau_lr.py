@@ -72,14 +72,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             for (t, lr), r in grid.items()
         ],
     }
-    common.write_table(
-        NAME,
-        common.command(NAME, args.smoke, args.extras),
-        "τ × learning rate",
-        lines,
-        payload,
-        out,
-    )
+    common.publish(NAME, "τ × learning rate", lines, payload, args)
     return payload
 
 

@@ -97,14 +97,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         )
     lines += ["", *verdicts(summary)]
     payload = {"majority": majority, "summary": summary}
-    common.write_table(
-        NAME,
-        common.command(NAME, args.smoke, args.extras),
-        "Real-task comparison",
-        lines,
-        payload,
-        args.out,
-    )
+    common.publish(NAME, "Real-task comparison", lines, payload, args)
     return payload
 
 
