@@ -29,6 +29,7 @@ from torch import Tensor, nn
 RESULTS = Path(__file__).resolve().parent / "results"
 VERSION = 2
 LR_GRID = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2)
+FIRST_LOSSES = 30  # per-step losses kept from the start of a run (the curve keeps every 10th)
 FULL_LR_GRID = (3e-5, 1e-4, 3e-4)
 HEAD_LR_GRID = (1e-3, 3e-3, 1e-2)
 
@@ -124,11 +125,19 @@ def train(
     return {
         "final_train_loss": sum(tail) / len(tail) if tail else None,
         "loss_curve": losses[::10],
+        "first_losses": losses[:FIRST_LOSSES],
         "diverged": diverged_at is not None,
         "diverged_at": diverged_at,
         "train_s": train_s,
         "step_s": train_s / max(1, len(losses)),
     }
+
+
+def linear_warmup(optimizer: torch.optim.Optimizer, steps: int) -> None:
+    """Scale the lr by ``min(1, (t + 1) / steps)`` at step ``t``: a linear warm-up done by
+    ``torch.optim.lr_scheduler.LambdaLR``, stepped after every ``optimizer.step()``."""
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda t: min(1.0, (t + 1) / steps))
+    optimizer.register_step_post_hook(lambda *_: schedule.step())
 
 
 def run(

@@ -126,8 +126,10 @@ def fit(method: str, hyper: dict[str, Any], setup: planted.PlantedSetup, out) ->
         torch.set_num_threads(minilm.THREADS)
         d = planted.data(setup)
         torch.manual_seed(0)
-        fit_hyper = {k: v for k, v in hyper.items() if k != "truncate"}
+        fit_hyper = {k: v for k, v in hyper.items() if k not in ("truncate", "lr_warmup")}
         prep = prepare(method, fit_hyper, planted.student(), setup.steps, heads=[])
+        if hyper.get("lr_warmup"):
+            common.linear_warmup(prep.optimizer, hyper["lr_warmup"])
         prep.reported_loss = planted.regression_loss
         prep.model.eval()  # no dropout: a clean regression
         trained = common.train(prep, d["train"], setup.steps, setup.batch_size, seed=0)

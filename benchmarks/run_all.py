@@ -21,6 +21,7 @@ SCRIPTS = (
     "base_rule",
     "base_rule_choice",
     "planted_ranks",
+    "planted_steps",
     "text_comparison",
     "lr_sweep",
     "step_overhead",

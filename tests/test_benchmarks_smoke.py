@@ -249,3 +249,36 @@ def test_command_names_the_options_that_differ_from_the_defaults(tmp_path):
     inside = common.parse_args("x", ["--out", str(common.RESULTS / "before")])
     assert inside.extras == "--out benchmarks/results/before"
     assert common.parse_args("x", [], ("geolora", "lora")).extras == ""
+
+
+def test_planted_steps_keeps_the_first_losses_and_warms_up(smoke_out):
+    data = json.loads((smoke_out / "planted_steps.json").read_text())
+    rows = {r["label"]: r for r in data["rows"]}
+    plain, warm = (
+        rows["GeoLoRA fixed r=16, lr 0.001"],
+        rows["GeoLoRA fixed r=16, lr 0.001, warm-up 2"],
+    )
+    steps = data["setup"]["steps"]
+    for row in rows.values():
+        assert len(row["first_losses"]) == steps
+        assert row["peak_over_start"] == pytest.approx(
+            max(row["first_losses"]) / row["first_losses"][0]
+        )
+    assert plain["first_losses"][0] == warm["first_losses"][0]  # same start, same batch
+    assert (
+        plain["first_losses"][1] != warm["first_losses"][1]
+    )  # the warm-up's first step is shorter
+
+
+def test_linear_warmup_scales_the_lr_per_step():
+    import torch
+
+    weight = torch.nn.Parameter(torch.zeros(2))
+    opt = torch.optim.SGD([weight], lr=0.3)
+    common.linear_warmup(opt, 3)
+    seen = []
+    for _ in range(5):
+        seen.append(opt.param_groups[0]["lr"])
+        weight.grad = torch.ones(2)
+        opt.step()
+    assert seen == pytest.approx([0.1, 0.2, 0.3, 0.3, 0.3])
