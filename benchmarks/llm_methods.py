@@ -90,9 +90,11 @@ def build(
     seed: int = 0,
     device: str = "cpu",
     dtype: torch.dtype = torch.float32,
+    lr: float | None = None,
 ) -> MethodTrainer:
     """Load the model from ``model_dir`` onto ``device`` in ``dtype`` and set up ``method`` on
-    it (seeded; the adapters are float32 whatever ``dtype``)."""
+    it (seeded; the adapters are float32 whatever ``dtype``); ``lr`` defaults to the method's
+    entry of :data:`LEARNING_RATES`."""
     from peft import AdaLoraConfig, LoraConfig, get_peft_model
 
     model, _ = load_causal_lm(model_dir)
@@ -106,7 +108,7 @@ def build(
         model.config.use_cache = False
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     torch.manual_seed(seed)
-    lr = LEARNING_RATES[method]
+    lr = LEARNING_RATES[method] if lr is None else lr
     if method.startswith("geolora"):
         budget = {}
         if method == "geolora-budget":

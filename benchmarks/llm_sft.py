@@ -63,7 +63,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def _evaluate(model: torch.nn.Module, tokenizer: Any, held_out: list) -> dict[str, Any]:
+def command(name: str, args: argparse.Namespace) -> str:
+    """The command line of script ``name`` with the options of ``args`` that differ from the
+    defaults (threads always)."""
+    cmd = common.command(name, args.smoke) + f" --threads {args.threads}"
+    if args.seed != 0:
+        cmd += f" --seed {args.seed}"
+    if args.out != common.RESULTS:
+        cmd += f" --out {args.out}"
+    return cmd
+
+
+def evaluate(model: torch.nn.Module, tokenizer: Any, held_out: list) -> dict[str, Any]:
     prompts = [chat[:-1] for chat in held_out]
     answers = generate_answers(model, tokenizer, prompts, max_new_tokens=6)
     return {**score_answers(answers, held_out, LABELS), "samples": answers[:3]}
@@ -135,9 +146,33 @@ def _adapter_bytes(trainer: llm_methods.MethodTrainer) -> dict[str, int]:
             "lora_r8": lora_8}  # fmt: skip
 
 
-def _train_side_by_side(model_dir, train, batches, held_out, tokenizer, args):
+DEFAULT_RUNS = {m: (m, llm_methods.LEARNING_RATES[m]) for m in llm_methods.METHODS}
+"""The runs of the main table: label → (method, peak lr)."""
+
+
+def prepare_task(args: argparse.Namespace) -> tuple[tuple[str, Any, list, list, Any], dict]:
+    """The task for ``args`` (model, steps, batch size, eval, seed): (model directory, encoded
+    training examples, the batches of the one pass, held-out chats, tokenizer), and the
+    zero-shot scores of the pretrained model on the held-out chats."""
+    model_dir = resolve_model(args.model)
+    n_train = args.steps * args.batch_size
+    train_chats, held_out = sentiment_instructions(
+        args.eval / (n_train + args.eval), args.seed, n_train + args.eval
+    )
+    base, tokenizer = load_causal_lm(model_dir)
+    train = encode_chats(tokenizer, train_chats, 256)
+    batches = epoch_batches(train.lengths(), args.batch_size, args.seed, 0)[: args.steps]
+    zero_shot = evaluate(base, tokenizer, held_out)
+    print("zero-shot", zero_shot, file=sys.stderr, flush=True)
+    return (model_dir, train, batches, held_out, tokenizer), zero_shot
+
+
+def train_side_by_side(model_dir, train, batches, held_out, tokenizer, args, runs=DEFAULT_RUNS):
+    """Train every run of ``runs`` (label → (method, peak lr)) on the same batches, one step of
+    each in turn, evaluate each on ``held_out``; returns (results by label, trainers by label)."""
     trainers = {
-        m: llm_methods.build(m, model_dir, args.steps, seed=args.seed) for m in llm_methods.METHODS
+        label: llm_methods.build(method, model_dir, args.steps, seed=args.seed, lr=lr)
+        for label, (method, lr) in runs.items()
     }
     times: dict[str, list[float]] = {m: [] for m in trainers}
     losses: dict[str, list[float]] = {m: [] for m in trainers}
@@ -145,7 +180,7 @@ def _train_side_by_side(model_dir, train, batches, held_out, tokenizer, args):
     for step, ids in enumerate(batches):
         batch = train.batch(ids)
         for method, trainer in trainers.items():
-            lr = learning_rate_at(step, args.steps, llm_methods.LEARNING_RATES[method], warmup)
+            lr = learning_rate_at(step, args.steps, runs[method][1], warmup)
             start = time.perf_counter()
             losses[method].append(trainer.step(batch, lr))
             times[method].append(time.perf_counter() - start)
@@ -155,7 +190,7 @@ def _train_side_by_side(model_dir, train, batches, held_out, tokenizer, args):
     for method, trainer in trainers.items():
         ranks = trainer.ranks()
         results[method] = {
-            **_evaluate(trainer.model, tokenizer, held_out),
+            **evaluate(trainer.model, tokenizer, held_out),
             "trainable_params": trainer.trainable_params(),
             "total_rank": sum(ranks.values()),
             "rank_min_median_max": [
@@ -168,7 +203,7 @@ def _train_side_by_side(model_dir, train, batches, held_out, tokenizer, args):
             "last_loss": losses[method][-1],
         }
         print(method, results[method], file=sys.stderr, flush=True)
-    return results, _adapter_bytes(trainers["geolora"])
+    return results, trainers
 
 
 def _table(payload: dict[str, Any]) -> list[str]:
@@ -240,20 +275,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     logging.set_verbosity_error()
     started = time.perf_counter()
-    model_dir = resolve_model(args.model)
-    n_train = args.steps * args.batch_size
-    train_chats, held_out = sentiment_instructions(
-        args.eval / (n_train + args.eval), args.seed, n_train + args.eval
-    )
-    base, tokenizer = load_causal_lm(model_dir)
-    train = encode_chats(tokenizer, train_chats, 256)
-    batches = epoch_batches(train.lengths(), args.batch_size, args.seed, 0)[: args.steps]
-    zero_shot = _evaluate(base, tokenizer, held_out)
-    print("zero-shot", zero_shot, file=sys.stderr, flush=True)
-    del base
-    methods, adapter_bytes = _train_side_by_side(
-        model_dir, train, batches, held_out, tokenizer, args
-    )
+    task, zero_shot = prepare_task(args)
+    model_dir, train, batches, held_out = task[:4]
+    methods, trainers = train_side_by_side(*task, args)
+    adapter_bytes = _adapter_bytes(trainers["geolora"])
+    del trainers
     probe = train.batch(batches[0])
     payload = {
         "setup": (
@@ -271,13 +297,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "wall_s": None,
     }
     payload["wall_s"] = round(time.perf_counter() - started, 1)
-    cmd = common.command(NAME, args.smoke) + f" --threads {args.threads}"
-    if args.seed != 0:
-        cmd += f" --seed {args.seed}"
-    if args.out != common.RESULTS:
-        cmd += f" --out {args.out}"
     title = "Causal-LM SFT: SmolLM2-135M-Instruct, zero-shot vs GeoLoRA vs LoRA vs AdaLoRA"
-    common.write_table(NAME, cmd, title, _table(payload), payload, args.out)
+    common.write_table(NAME, command(NAME, args), title, _table(payload), payload, args.out)
     return payload
 
 

@@ -38,6 +38,30 @@ def test_llm_benchmark_smoke(tmp_path):
     assert sizes["stored_r_max"] > sizes["at_final_ranks"] > 0
 
 
+def test_llm_lr_sweep_smoke(tmp_path):
+    import llm_lr
+
+    model = save_tiny_llama(tmp_path / "model")
+    payload = llm_lr.main(["--smoke", "--model", str(model), "--out", str(tmp_path / "out")])
+    md = (tmp_path / "out" / "llm_lr.md").read_text()
+    assert (
+        "benchmarks/llm_lr.py --smoke"
+        in json.loads((tmp_path / "out" / "llm_lr.json").read_text())["command"]
+    )
+    runs = payload["runs"]
+    assert {tuple(v) for v in runs.values()} == {
+        ("geolora", 1e-3),
+        ("geolora", 1e-2),
+        ("lora", 3e-3),
+    }
+    for label in runs:
+        assert f"| {label} |" in md
+    first = {label: r["first_loss"] for label, r in payload["results"].items()}
+    assert len(set(first.values())) == 1  # one batch, one pretrained model: the same first loss
+    last = {label: r["last_loss"] for label, r in payload["results"].items() if "GeoLoRA" in label}
+    assert len(set(last.values())) == 2  # the lr reaches each run
+
+
 def test_gpu_step_refuses_without_cuda(monkeypatch, capsys):
     import gpu_step
     import torch
