@@ -134,7 +134,13 @@ def fit(method: str, hyper: dict[str, Any], setup: planted.PlantedSetup, out) ->
         prep.model.eval()  # no dropout: a clean regression
         trained = common.train(prep, d["train"], setup.steps, setup.batch_size, seed=0)
         counts = parameter_counts(prep)
+        pretrained = {
+            n: m.weight.norm() for n, m in planted.adapted_modules(planted.student()).items()
+        }
         result = {
+            "relative_delta_norm": {
+                n: float(delta.norm() / pretrained[n]) for n, delta in delta_weights(prep).items()
+            },
             **trained,
             "lr": prep.optimizer.param_groups[0]["lr"],
             "relative_loss": planted.relative_loss(prep.model, setup),

@@ -53,6 +53,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     setup = planted.SMOKE if args.smoke else planted.PlantedSetup()
     runs_dir = Path(args.out) / NAME  # its own cache: its runs keep the first losses
     shown = [t for t in SHOWN_STEPS if t < min(setup.steps, common.FIRST_LOSSES)]
+    plan = planted.data(setup)["planted"]
     rows = []
     for label, method, hyper in specs(args.smoke):
         if method not in args.methods:
@@ -60,9 +61,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"{label} ...", flush=True)
         res = fit(method, hyper, setup, runs_dir)
         first = res["first_losses"]
+        norms = res["relative_delta_norm"]
         rows.append(
             {
                 "label": label,
+                "delta_norm_by_rank": {
+                    k: sum(norms[n] for n, p in plan.items() if p == k)
+                    / sum(1 for p in plan.values() if p == k)
+                    for k in planted.PLANTED_RANKS
+                },
                 "first_losses": first,
                 "peak_over_start": max(first) / first[0],
                 "relative_loss": res["relative_loss"],
@@ -74,16 +81,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"{'/'.join(map(str, planted.PLANTED_RANKS))}, {setup.steps} steps, batch "
         f"{setup.batch_size}, seed 0). Training-batch loss ×10³ after t steps (t = 0: the "
         "pretrained model); peak = the largest of the first "
-        f"{common.FIRST_LOSSES} over the first; rel. loss = held-out, after all steps.",
+        f"{common.FIRST_LOSSES} over the first; rel. loss = held-out, after all steps; ‖ΔW‖ = "
+        "the learned change over the pretrained weight's norm after all steps, mean over the "
+        f"maps of each planted rank (the planted change is {setup.relative_norm:g} on every "
+        "map of rank > 0).",
         "",
-        "| run | " + " | ".join(f"t={t}" for t in (0, *shown)) + " | peak | rel. loss |",
-        "|---|" + "---|" * (len(shown) + 3),
+        "| run | " + " | ".join(f"t={t}" for t in (0, *shown)) + " | peak | rel. loss | ‖ΔW‖ at "
+        f"planted {' / '.join(map(str, planted.PLANTED_RANKS))} |",
+        "|---|" + "---|" * (len(shown) + 4),
     ]
     for r in rows:
         cells = [f"{1e3 * r['first_losses'][t]:.2f}" for t in (0, *shown)]
+        norms = " / ".join(f"{v:.3f}" for v in r["delta_norm_by_rank"].values())
         lines.append(
             f"| {r['label']} | " + " | ".join(cells) + f" | {r['peak_over_start']:.2f}× | "
-            f"{r['relative_loss']:.4f}{' (diverged)' if r['diverged'] else ''} |"
+            f"{r['relative_loss']:.4f}{' (diverged)' if r['diverged'] else ''} | {norms} |"
         )
     payload = {"setup": dataclasses.asdict(setup), "rows": rows}
     common.publish(NAME, "Planted fit: first steps, lr, warm-up", lines, payload, args)

@@ -264,6 +264,9 @@ def test_planted_steps_keeps_the_first_losses_and_warms_up(smoke_out):
         assert row["peak_over_start"] == pytest.approx(
             max(row["first_losses"]) / row["first_losses"][0]
         )
+    for row in rows.values():
+        assert set(row["delta_norm_by_rank"]) == {"0", "2", "8", "24"}
+        assert all(v > 0 for v in row["delta_norm_by_rank"].values())  # every adapter moved
     assert plain["first_losses"][0] == warm["first_losses"][0]  # same start, same batch
     assert (
         plain["first_losses"][1] != warm["first_losses"][1]
