@@ -119,6 +119,23 @@ def _truncations(prep: Prepared, budget: int, n_modules: int, setup) -> dict[str
     }
 
 
+def _track_movement(prep: Prepared, pretrained: dict[str, torch.Tensor]) -> list[float]:
+    """A list that gets, after every optimizer step, the mean over the adapted maps of
+    ``‖ΔW_t − ΔW_{t−1}‖_F / ‖W‖_F`` (how far that step moved the weights)."""
+    previous = {n: d.detach().clone() for n, d in delta_weights(prep).items()}
+    movement: list[float] = []
+
+    def record(*_: Any) -> None:
+        with torch.no_grad():
+            current = delta_weights(prep)
+            moved = [float((d - previous[n]).norm() / pretrained[n]) for n, d in current.items()]
+            previous.update({n: d.detach().clone() for n, d in current.items()})
+        movement.append(sum(moved) / len(moved))
+
+    prep.optimizer.register_step_post_hook(record)
+    return movement
+
+
 def fit(method: str, hyper: dict[str, Any], setup: planted.PlantedSetup, out) -> dict[str, Any]:
     """Train one student (cached by :func:`common.cached`)."""
 
@@ -126,18 +143,21 @@ def fit(method: str, hyper: dict[str, Any], setup: planted.PlantedSetup, out) ->
         torch.set_num_threads(minilm.THREADS)
         d = planted.data(setup)
         torch.manual_seed(0)
-        fit_hyper = {k: v for k, v in hyper.items() if k not in ("truncate", "lr_warmup")}
+        extras = ("truncate", "lr_warmup", "track_movement")
+        fit_hyper = {k: v for k, v in hyper.items() if k not in extras}
         prep = prepare(method, fit_hyper, planted.student(), setup.steps, heads=[])
         if hyper.get("lr_warmup"):
             common.linear_warmup(prep.optimizer, hyper["lr_warmup"])
+        pretrained = {
+            n: m.weight.norm() for n, m in planted.adapted_modules(planted.student()).items()
+        }
+        movement = _track_movement(prep, pretrained) if hyper.get("track_movement") else None
         prep.reported_loss = planted.regression_loss
         prep.model.eval()  # no dropout: a clean regression
         trained = common.train(prep, d["train"], setup.steps, setup.batch_size, seed=0)
         counts = parameter_counts(prep)
-        pretrained = {
-            n: m.weight.norm() for n, m in planted.adapted_modules(planted.student()).items()
-        }
         result = {
+            **({"step_movement": movement} if movement is not None else {}),
             "relative_delta_norm": {
                 n: float(delta.norm() / pretrained[n]) for n, delta in delta_weights(prep).items()
             },

@@ -267,6 +267,7 @@ def test_planted_steps_keeps_the_first_losses_and_warms_up(smoke_out):
     for row in rows.values():
         assert set(row["delta_norm_by_rank"]) == {"0", "2", "8", "24"}
         assert all(v > 0 for v in row["delta_norm_by_rank"].values())  # every adapter moved
+        assert row["first_step"] > 0 and 0 < row["coherence"] <= 1 + 1e-9  # triangle inequality
     assert plain["first_losses"][0] == warm["first_losses"][0]  # same start, same batch
     assert (
         plain["first_losses"][1] != warm["first_losses"][1]
