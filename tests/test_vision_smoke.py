@@ -98,6 +98,12 @@ def test_methods_train_the_right_parameters(vision):
     dims = {"q_proj": 32, "k_proj": 32, "v_proj": 32, "fc1": 48, "fc2": 48}
     adapter = sum(r * dims[name.rsplit(".", 1)[1]] + r for name, r in ranks.items())
     assert results["geolora"]["trainable_params"] == adapter + head_params
+    ada = results["adalora"]["ranks"]  # init_r 12, masked down to its budget of 8 per layer
+    assert sorted(name.rsplit(".", 1)[1] for name in ada) == sorted(vision.TARGETS)
+    assert all(0 <= r <= 12 for r in ada.values()) and sum(ada.values()) == 8 * len(ada)
+    adapter = sum(r * (dims[name.rsplit(".", 1)[1]] + 1) for name, r in ada.items())
+    assert results["adalora"]["trainable_params"] == adapter + head_params
+    assert results["adalora"]["total_rank"] == sum(ada.values())
     for key, value in base.state_dict().items():  # every method adapted a copy
         torch.testing.assert_close(value, before[key])
 
