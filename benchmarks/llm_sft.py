@@ -45,6 +45,9 @@ from geolora.app.models import DEFAULT_LLM, load_causal_lm, resolve_model
 
 NAME = "llm_sft"
 LABELS = ["negative", "positive"]
+EARLY_STEPS = 10
+"""Steps over which a run's early peak and late mean loss are taken (single 4-example batches
+are noisy, so the last step's loss alone says little)."""
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -201,6 +204,8 @@ def train_side_by_side(model_dir, train, batches, held_out, tokenizer, args, run
             "step_s": statistics.median(times[method][1:] or times[method]),
             "first_loss": losses[method][0],
             "last_loss": losses[method][-1],
+            "peak_early_loss": max(losses[method][:EARLY_STEPS]),
+            "mean_late_loss": statistics.mean(losses[method][-EARLY_STEPS:]),
         }
         print(method, results[method], file=sys.stderr, flush=True)
     return results, trainers

@@ -5,9 +5,9 @@ Runs ``examples/vision.py``'s pretraining (cached) and adaptation. Each method g
 learning-rate sweep at seed 0; the learning rate with the best validation accuracy (500 held-out
 training digits) is then rerun with the other seeds, and the table reports test accuracy (1 000
 digits) as mean ± standard deviation over the seeds, trainable parameters at the end of training
-(GeoLoRA's and AdaLoRA's at their final ranks) and seconds per run. GeoLoRA runs with the library's defaults
-(``--tau`` overrides τ). Everything else is identical across methods:
-data split, steps, batch order, head initialisation and schedule.
+(GeoLoRA's and AdaLoRA's at their final ranks) and seconds per run. GeoLoRA runs with the
+library's defaults (``--tau`` overrides τ). Everything else is identical across methods: data
+split, steps, batch order, head initialisation and schedule.
 
 Writes ``benchmarks/results/vision_transfer.md`` and ``.json`` (``--out`` to change the folder);
 ``--smoke`` runs a few steps on a small slice of the data, into a temporary folder, for CI.

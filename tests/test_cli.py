@@ -357,5 +357,9 @@ def test_every_option_is_a_flag_a_config_key_and_documented():
         assert f"`{flag}" in docs or f", `{flag}`" in docs, flag
         assert spec.help, spec.name
     assert specs["tau"].default == GeoLoRAConfig.tau  # no second default for the same option
+    tasks = ("classification", "causal-lm")
+    defaults = {task: FinetuneOptions(task=task).peak_lr for task in tasks}
+    assert defaults == {"classification": 1e-3, "causal-lm": 3e-4}  # the task picks the default
+    assert FinetuneOptions(task="causal-lm", lr=0.01).peak_lr == 0.01
     options = FinetuneOptions.from_dict({"r-max": 16, "lr": 0.01, "threads": 1, "quiet": True})
     assert options.adapter == {"r_max": 16} and options.adapter_config("all-linear").r_max == 16

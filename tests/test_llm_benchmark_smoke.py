@@ -50,16 +50,19 @@ def test_llm_lr_sweep_smoke(tmp_path):
     )
     runs = payload["runs"]
     assert {tuple(v) for v in runs.values()} == {
+        ("geolora", 1e-4),
         ("geolora", 1e-3),
         ("geolora", 1e-2),
-        ("lora", 3e-3),
+        ("lora", 1e-3),
     }
     for label in runs:
         assert f"| {label} |" in md
     first = {label: r["first_loss"] for label, r in payload["results"].items()}
     assert len(set(first.values())) == 1  # one batch, one pretrained model: the same first loss
     last = {label: r["last_loss"] for label, r in payload["results"].items() if "GeoLoRA" in label}
-    assert len(set(last.values())) == 2  # the lr reaches each run
+    assert len(set(last.values())) == 3  # the lr reaches each run
+    for r in payload["results"].values():  # the early peak is over steps that include the first
+        assert r["peak_early_loss"] >= r["first_loss"] and r["mean_late_loss"] > 0
 
 
 def test_gpu_step_refuses_without_cuda(monkeypatch, capsys):

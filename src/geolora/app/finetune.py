@@ -183,7 +183,7 @@ def finetune(
     initial = rank_report(model)
     optimizer_options = {} if options.base_rule is None else {"base_rule": options.base_rule}
     optimizer = GeoLoRAOptimizer(
-        model, lr=options.lr, weight_decay=options.weight_decay, **optimizer_options
+        model, lr=options.peak_lr, weight_decay=options.weight_decay, **optimizer_options
     )
     per_epoch = steps_per_epoch(len(train), options.batch_size)
     total = per_epoch * options.epochs
@@ -207,7 +207,7 @@ def finetune(
             if index == 0:
                 state["loss_sum"] = 0.0
             t0 = time.perf_counter()
-            lr = learning_rate_at(step, total, options.lr, warmup)
+            lr = learning_rate_at(step, total, options.peak_lr, warmup)
             value = _train_step(
                 model, train.batch(batch_ids[index]), optimizer, lr, options.max_grad_norm
             )

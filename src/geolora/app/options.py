@@ -79,7 +79,13 @@ class FinetuneOptions:
         default=None,
         metadata=_help("update rule of the factors (default: GeoLoRAOptimizer's)"),
     )
-    lr: float = field(default=1e-3, metadata=_help("peak learning rate"))
+    lr: float | None = field(
+        default=None,
+        metadata=_help(
+            "peak learning rate (default: 1e-3 for classification, 3e-4 for causal-lm, where "
+            "1e-3 overshoots in the first steps: docs/llm.md)"
+        ),
+    )
     weight_decay: float = field(default=0.0, metadata=_help("decoupled weight decay"))
     warmup_ratio: float = field(default=0.1, metadata=_help("share of the steps with warm-up"))
     max_grad_norm: float = field(default=1.0, metadata=_help("gradient clipping norm (0: none)"))
@@ -142,7 +148,7 @@ class FinetuneOptions:
                 f"base_rule (--base-rule) must be one of {tuple(base_rules.BASE_RULES)}, got "
                 f"{self.base_rule!r}."
             )
-        if not self.lr > 0:
+        if self.lr is not None and not self.lr > 0:
             raise ValueError(f"lr (--lr) must be positive, got {self.lr!r}.")
         if not 0 <= self.warmup_ratio < 1:
             raise ValueError(f"warmup_ratio must lie in [0, 1), got {self.warmup_ratio!r}.")
@@ -158,6 +164,10 @@ class FinetuneOptions:
         from .models import DEFAULT_LLM, DEFAULT_MODEL
 
         return self.model or (DEFAULT_LLM if self.task == "causal-lm" else DEFAULT_MODEL)
+
+    @property
+    def peak_lr(self) -> float:
+        return self.lr or (3e-4 if self.task == "causal-lm" else 1e-3)
 
     @property
     def token_limit(self) -> int:
