@@ -17,7 +17,7 @@ import json
 import math
 import shlex
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +34,7 @@ FULL_LR_GRID = (3e-5, 1e-4, 3e-4)
 HEAD_LR_GRID = (1e-3, 3e-3, 1e-2)
 
 
-def _batch(split: dict[str, Tensor], idx: Tensor) -> tuple[dict[str, Tensor], Tensor]:
+def take_batch(split: dict[str, Tensor], idx: Tensor) -> tuple[dict[str, Tensor], Tensor]:
     """Rows ``idx`` of a split, trimmed to their longest sentence (per-token labels too)."""
     mask = split["mask"][idx]
     length = int(mask.sum(1).max())
@@ -55,7 +55,7 @@ def accuracy(model: nn.Module, split: dict[str, Tensor], batch_size: int = 128) 
     correct = 0
     n = len(split["labels"])
     for i in range(0, n, batch_size):
-        batch, labels = _batch(split, torch.arange(i, min(n, i + batch_size)))
+        batch, labels = take_batch(split, torch.arange(i, min(n, i + batch_size)))
         correct += int((model(**batch).logits.argmax(-1) == labels).sum())
     model.train(was_training)
     return correct / n
@@ -96,22 +96,28 @@ def cached(
     return result
 
 
+def batch_order(n_train: int, batch_size: int, steps: int, seed: int) -> Iterator[Tensor]:
+    """The row indices of ``steps`` batches of ``batch_size`` out of ``n_train`` rows: seeded
+    permutations, reshuffled each time fewer than ``batch_size`` rows are left."""
+    gen = torch.Generator().manual_seed(seed)
+    order = torch.empty(0, dtype=torch.long)
+    for _ in range(steps):
+        if len(order) < batch_size:
+            order = torch.cat([order, torch.randperm(n_train, generator=gen)])
+        idx, order = order[:batch_size], order[batch_size:]
+        yield idx
+
+
 def train(
     prep: Prepared, split: dict[str, Tensor], steps: int, batch_size: int, seed: int
 ) -> dict[str, Any]:
     """``steps`` training steps on batches drawn from ``split`` (reshuffled each epoch, seeded);
     stops at the first non-finite loss (or a GeoLoRA step that refuses non-finite gradients)."""
-    n_train = len(split["labels"])
-    gen = torch.Generator().manual_seed(seed)
-    order = torch.empty(0, dtype=torch.long)
     losses: list[float] = []
     diverged_at = None
     start = time.perf_counter()
-    for step in range(steps):
-        if len(order) < batch_size:
-            order = torch.cat([order, torch.randperm(n_train, generator=gen)])
-        idx, order = order[:batch_size], order[batch_size:]
-        batch, labels = _batch(split, idx)
+    for step, idx in enumerate(batch_order(len(split["labels"]), batch_size, steps, seed)):
+        batch, labels = take_batch(split, idx)
         try:
             loss = prep.train_step(batch, labels)
         except FloatingPointError:

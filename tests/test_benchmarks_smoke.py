@@ -274,6 +274,25 @@ def test_planted_steps_keeps_the_first_losses_and_warms_up(smoke_out):
     )  # the warm-up's first step is shorter
 
 
+def test_step_alignment_measures_the_first_and_last_steps(smoke_out):
+    data = json.loads((smoke_out / "step_alignment.json").read_text())
+    assert set(data) >= {"GeoLoRA (defaults)", "LoRA r=16"}
+    for rows in (v for k, v in data.items() if k != "command"):
+        assert [r["t"] for r in rows] == [0, 1, 2]  # smoke: 3 steps, windows of 2
+        for r in rows:
+            assert -1 - 1e-9 <= r["alignment"] <= 1 + 1e-9 and r["step"] > 0
+            assert r["loss"] > 0 and r["loss"] + r["measured"] >= 0  # an MSE stays ≥ 0
+
+
+def test_batch_order_reshuffles_each_epoch():
+    batches = [b.tolist() for b in common.batch_order(5, 2, 6, seed=0)]
+    assert all(len(b) == 2 for b in batches)
+    rows = sum(batches, [])
+    assert len(set(rows[:5])) == 5  # the first five rows are one permutation
+    assert all(rows.count(i) >= 2 for i in range(5))  # 12 draws: two whole epochs and a bit
+    assert batches == [b.tolist() for b in common.batch_order(5, 2, 6, seed=0)]  # seeded
+
+
 def test_linear_warmup_scales_the_lr_per_step():
     import torch
 
