@@ -16,7 +16,11 @@ the first and the last ``WINDOW`` it reads
 * the step's size ``Σ‖ΔW‖_F / Σ‖W‖_F``;
 * the first-order prediction of the loss change on the same batch, ``Σ⟨G, ΔW⟩``, against the
   change measured by evaluating that batch again after the step. When the measured change is
-  far above the prediction (or positive), the step overshoots.
+  far above the prediction (or positive), the step overshoots;
+* for GeoLoRA (``riemannian_adam``) the two factors of its per-entry step size
+  ``RMS(M̂)/√q̂``: the memory ``√mean(G∘G)/√q̂`` and the momentum ``RMS(M̂)/√mean(G∘G)``
+  (both 1 at the first step), to tell a second moment that remembers larger gradients from
+  successive gradients that cancel.
 """
 
 from __future__ import annotations
@@ -48,11 +52,43 @@ def _base_weights(prep) -> dict[str, torch.nn.Parameter]:
     }
 
 
+def _riemannian_adam_ratios(prep) -> dict[str, float]:
+    """For GeoLoRA's ``riemannian_adam``, before its step (gradients in place), the two factors
+    of its per-entry step size ``RMS(M̂)/√q̂``, median over adapters: ``memory`` =
+    ``√mean(G∘G) / √q̂`` (below 1 when earlier gradients were larger) and ``momentum`` =
+    ``RMS(M̂) / √mean(G∘G)`` (below 1 when successive gradients cancel), with this step's
+    ``M = β₁M + (1−β₁)G`` and ``q = β₂q + (1−β₂)·mean(G∘G)`` over the active blocks."""
+    from geolora import geolora_layers
+
+    opt = prep.optimizer
+    group = next(g for g in opt.param_groups if g["geolora"])
+    beta1, beta2 = group["betas"]
+    memory, momentum = [], []
+    for layer in geolora_layers(prep.model).values():
+        r, state = layer.current_rank, opt.state.get(layer.U, {})
+        grads = (layer.U.grad[:, :r], layer.V.grad[:, :r], layer.S.grad[:r, :r])
+        t = int(state.get("step", 0)) + 1
+        mean_sq = sum(float(g.square().sum()) for g in grads) / sum(g.numel() for g in grads)
+        old_q = float(state["sq"]) if state else 0.0
+        q_hat = (beta2 * old_q + (1 - beta2) * mean_sq) / (1 - beta2**t)
+        if state:
+            olds = (state["K"][:, :r], state["L"][:, :r], state["S"][:r, :r])
+            first = [beta1 * o + (1 - beta1) * g for o, g in zip(olds, grads)]
+        else:
+            first = [(1 - beta1) * g for g in grads]
+        m_sq = sum(float(f.square().sum()) for f in first) / sum(g.numel() for g in grads)
+        rms_m_hat = m_sq**0.5 / (1 - beta1**t)
+        memory.append((mean_sq / q_hat) ** 0.5)
+        momentum.append(rms_m_hat / mean_sq**0.5)
+    return {"memory": statistics.median(memory), "momentum": statistics.median(momentum)}
+
+
 def _measure(prep, weights, batch, labels, norm_w: float) -> dict[str, float]:
     """One optimizer step on ``batch`` and what it did (see the module docstring)."""
     loss = prep.model(**batch, labels=labels).loss  # the masked MSE (no AdaLoRA here)
     loss.backward()
     start = float(loss.detach())
+    ratios = _riemannian_adam_ratios(prep) if prep.method == "geolora" else {}
     grads = {n: w.grad.detach().clone() for n, w in weights.items()}
     before = delta_weights(prep)
     prep.optimizer.step()
@@ -72,6 +108,7 @@ def _measure(prep, weights, batch, labels, norm_w: float) -> dict[str, float]:
         "step": sum(float(m.norm()) for m in moves.values()) / norm_w,
         "predicted": sum(inner.values()),
         "measured": float(again) - start,
+        **ratios,
     }
 
 
@@ -133,9 +170,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         ("step size", "step", 1e3, "{:.2f}"),
         ("predicted change", "predicted", 1e3, "{:+.2f}"),
         ("measured change", "measured", 1e3, "{:+.2f}"),
+        ("memory √mean(G∘G)/√q̂", "memory", 1.0, "{:.2f}"),
+        ("momentum RMS(M̂)/√mean(G∘G)", "momentum", 1.0, "{:.2f}"),
     )
     for label, rows in results.items():
         for name, key, scale, fmt in shown:
+            if key not in rows[0]:
+                continue  # the step-size factors exist for riemannian_adam only
             cells = " | ".join(fmt.format(scale * r[key]) for r in rows)
             lines.append(f"| {label} | {name} | {cells} |")
     common.publish(NAME, "First steps: alignment with the gradient", lines, results, args)

@@ -282,6 +282,11 @@ def test_step_alignment_measures_the_first_and_last_steps(smoke_out):
         for r in rows:
             assert -1 - 1e-9 <= r["alignment"] <= 1 + 1e-9 and r["step"] > 0
             assert r["loss"] > 0 and r["loss"] + r["measured"] >= 0  # an MSE stays ≥ 0
+    for label in ("GeoLoRA (defaults)", "GeoLoRA fixed r=16"):  # riemannian_adam's first step:
+        first = data[label][0]  # M̂ = G and q̂ = mean(G∘G), so both factors are exactly 1
+        assert first["memory"] == pytest.approx(1.0) and first["momentum"] == pytest.approx(1.0)
+        assert all(r["memory"] > 0 and r["momentum"] > 0 for r in data[label])
+    assert "memory" not in data["LoRA r=16"][0]
 
 
 def test_batch_order_reshuffles_each_epoch():
