@@ -59,20 +59,24 @@ def _riemannian_adam_ratios(prep) -> dict[str, float]:
     ``RMS(M̂) / √mean(G∘G)`` (below 1 when successive gradients cancel), with this step's
     ``M = β₁M + (1−β₁)G`` and ``q = β₂q + (1−β₂)·mean(G∘G)`` over the active blocks."""
     from geolora import geolora_layers
+    from geolora.base_rules import MOMENT_KEYS, SCALAR_KEYS
 
     opt = prep.optimizer
     group = next(g for g in opt.param_groups if g["geolora"])
+    if group["base_rule"] != "riemannian_adam":
+        return {}
     beta1, beta2 = group["betas"]
+    scalar, (key_k, key_l, key_s) = SCALAR_KEYS["scalar_second"], MOMENT_KEYS["first"]
     memory, momentum = [], []
     for layer in geolora_layers(prep.model).values():
         r, state = layer.current_rank, opt.state.get(layer.U, {})
         grads = (layer.U.grad[:, :r], layer.V.grad[:, :r], layer.S.grad[:r, :r])
         t = int(state.get("step", 0)) + 1
         mean_sq = sum(float(g.square().sum()) for g in grads) / sum(g.numel() for g in grads)
-        old_q = float(state["sq"]) if state else 0.0
+        old_q = float(state[scalar]) if state else 0.0
         q_hat = (beta2 * old_q + (1 - beta2) * mean_sq) / (1 - beta2**t)
         if state:
-            olds = (state["K"][:, :r], state["L"][:, :r], state["S"][:r, :r])
+            olds = (state[key_k][:, :r], state[key_l][:, :r], state[key_s][:r, :r])
             first = [beta1 * o + (1 - beta1) * g for o, g in zip(olds, grads)]
         else:
             first = [(1 - beta1) * g for g in grads]

@@ -9,8 +9,7 @@
    ``q_proj, k_proj, v_proj`` and the MLP ``fc1, fc2``, head trained), ``adalora`` (peft AdaLoRA
    on the same layers, 12 → 8 triplets per layer on average, no pruning over the first 10 % of
    the steps and the budget fixed over the last 20 %, ``update_and_allocate`` after every step)
-   and ``geolora``
-   (GeoLoRA on the same layers, ranks chosen by the truncation tolerance ``τ``).
+   and ``geolora`` (GeoLoRA on the same layers, ranks chosen by the truncation tolerance ``τ``).
 
 Every run minimises the cross entropy with learning rate ``λ_t = λ · min(1, (t+1)/t_w) · (1 − t/T)``
 (linear warm-up over ``t_w`` steps, linear decay to 0 at step ``T``) and reports test accuracy and

@@ -259,6 +259,7 @@ def finetune(
         "wall_time_s": round(state["wall_s"] + time.perf_counter() - started, 2),
         "threads": torch.get_num_threads(),
         "geolora_version": __version__,
+        "peak_lr": options.peak_lr,  # the lr used, also when options.lr is the task's default
         "options": options.to_dict(),
         "files": sorted([*files, "metrics.json"]),
     }
