@@ -9,7 +9,8 @@ data, batches and seed of :mod:`planted_ranks` for its 300 steps, and for each s
 the first and the last ``WINDOW`` it reads
 
 * ``G`` = ∂L/∂W of every adapted map on the step's batch (the frozen base weights are given
-  ``requires_grad`` for this; the optimizers were built without them, so they never move), and
+  ``requires_grad`` on the measured steps only; the optimizers were built without them, so they
+  never move), and
   the optimizer's change ``ΔW`` of every map;
 * the alignment ``cos = −⟨G, ΔW⟩ / (‖G‖_F ‖ΔW‖_F)`` (median over maps: 1 means the step points
   straight down the gradient);
@@ -128,20 +129,19 @@ def measured_steps(method: str, hyper: dict[str, Any], setup, window: int) -> li
     weights = _base_weights(prep)
     norm_w = sum(float(w.norm()) for w in weights.values())
     frozen = {n: w.detach().clone() for n, w in weights.items()}
-    for w in weights.values():
-        w.requires_grad_(True)
     rows = []
     order = common.batch_order(len(d["train"]["labels"]), setup.batch_size, setup.steps, seed=0)
     for t, idx in enumerate(order):
         batch, labels = common.take_batch(d["train"], idx)
-        if t < window or t >= setup.steps - window:
+        measured = t < window or t >= setup.steps - window
+        for w in weights.values():  # the dense gradient only where it is measured
+            w.requires_grad_(measured)
+        if measured:
             rows.append(_measure(prep, weights, batch, labels, norm_w))
         else:
             prep.model(**batch, labels=labels).loss.backward()
             prep.optimizer.step()
             prep.optimizer.zero_grad(set_to_none=True)
-            for w in weights.values():
-                w.grad = None
         prep.step += 1
     moved = [n for n, w in weights.items() if not torch.equal(w.detach(), frozen[n])]
     if moved:  # the measurement would then be of a different method
