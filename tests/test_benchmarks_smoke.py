@@ -17,6 +17,7 @@ import common  # noqa: E402
 import methods  # noqa: E402
 import minilm  # noqa: E402
 import run_all  # noqa: E402
+import vision_transfer  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -90,6 +91,13 @@ def test_config_key_separates_configurations():
     _, d = common.config_key("lora", {"lr": 1e-3, "seed": 0}, minilm.FULL)
     assert a == b  # the default r is part of the key either way
     assert len({a, c, d}) == 3
+
+
+def test_vision_lr_is_chosen_on_the_mean_over_seeds_not_on_seed_0():
+    vals = {1e-2: [0.90, 0.70, 0.70], 3e-2: [0.85, 0.85, 0.85], 1e-1: [0.85, 0.85, 0.85]}
+    runs = [dict(lr=lr, seed=s, val_acc=v) for lr, accs in vals.items() for s, v in enumerate(accs)]
+    assert vision_transfer.mean_val_by_lr(runs)[1e-2] == pytest.approx(2.3 / 3)
+    assert vision_transfer.best_lr(runs) == 3e-2  # seed 0 alone would pick 1e-2; ties: smaller
 
 
 def test_bad_method_and_missing_lr_are_refused():
