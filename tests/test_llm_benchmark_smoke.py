@@ -74,3 +74,22 @@ def test_gpu_step_refuses_without_cuda(monkeypatch, capsys):
         gpu_step.main(["--smoke"])
     assert stop.value.code == 2
     assert "needs a CUDA GPU" in capsys.readouterr().err
+
+
+def test_llm_step_time_smoke(tmp_path):
+    import llm_step_time
+
+    model = save_tiny_llama(tmp_path / "model")
+    results = llm_step_time.main(["--smoke", "--model", str(model), "--out", str(tmp_path / "o")])
+    md = (tmp_path / "o" / "llm_step_time.md").read_text()
+    assert "benchmarks/llm_step_time.py --smoke" in md
+    assert set(results) == set(llm_step_time.RUNS) and results["LoRA r=8"]["ratio_to_lora"] == 1
+    for label, r in results.items():
+        assert f"| {label} |" in md and set(r["phase_s"]) == set(llm_step_time.PHASES)
+        assert r["step_s"] > 0 and r["total_rank"] > 0
+    # the padded grouping takes the same step: the same ranks (the tiny model's are all equal)
+    padded = results["GeoLoRA, one padded bucket per shape"]
+    assert padded["total_rank"] == results["GeoLoRA"]["total_rank"]
+    import geolora.buckets
+
+    assert geolora.buckets.BUCKET_OVERHEAD == 4e6  # restored after the run

@@ -15,10 +15,15 @@ when views of their active part are.
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
+import geolora.buckets
 import geolora.layers
 from geolora import (
     GeoLoRAConfig,
@@ -118,9 +123,12 @@ def _reference(layer, state: dict, rule: str, freeze: bool) -> tuple[dict, dict]
 @pytest.mark.parametrize("rule", ["riemannian_adam", "adam", "sgd"])
 @pytest.mark.parametrize("freeze", [False, True], ids=["local_tau", "frozen_ranks"])
 @pytest.mark.parametrize("copy", ["whole", "views"])
-def test_batched_step_matches_per_adapter_reference(rule, freeze, copy, monkeypatch):
+@pytest.mark.parametrize("grouping", ["padded", "by_rank"])
+def test_batched_step_matches_per_adapter_reference(rule, freeze, copy, grouping, monkeypatch):
     if copy == "views":  # large adapters: read and write views of the active part per tensor
         monkeypatch.setattr(geolora.layers, "WHOLE_COPY_BYTES", 0)
+    if grouping == "by_rank":  # batches free: one bucket per rank, nothing padded
+        monkeypatch.setattr(geolora.buckets, "BUCKET_OVERHEAD", 0.0)
     model = _model(freeze)
     momentum = MOMENTUM if rule == "sgd" else 0.0
     opt = GeoLoRAOptimizer(model, lr=LR, weight_decay=WD, base_rule=rule, momentum=momentum)
@@ -169,7 +177,7 @@ def test_batched_step_matches_per_adapter_reference(rule, freeze, copy, monkeypa
                     mixed_ranks_in_bucket = True
                 if old[a][0] == old[b][0] and old[a][1] != old[b][1]:
                     mixed_steps_in_bucket = True
-                if old[a][0] < old[b][0] <= 12 // 2:  # one bucket, a zero-padded to b's width
+                if old[a][0] < old[b][0] <= 12 // 2:  # a zero-padded to b's width, or not
                     padded_in_bucket = True
     # the cases the batching has to get right did occur
     assert mixed_steps_in_bucket if freeze else mixed_ranks_in_bucket and padded_in_bucket
@@ -185,3 +193,49 @@ def test_stacked_factors_must_cover_the_old_rank():
     with pytest.raises(ValueError, match="current rank \\(3\\).*pass wider factors"):
         set_stacked_factors(layers, u, s, u, [1, 2])
     assert torch.equal(layers[0].U.detach(), before) and layers[0].current_rank == 3
+
+
+def test_buckets_pad_cheap_adapters_together_and_split_costly_widths(monkeypatch):
+    from geolora.buckets import group_by_width, plan_buckets
+
+    assert group_by_width([1, 3, 6, 2], rows=24) == [[0, 3, 1, 2]]  # tiny QRs: one padded bucket
+    ranks = [4] * 60 + [18]  # one wide gate_proj of SmolLM2 would make sixty narrow ones pay 20x
+    groups = group_by_width(ranks, rows=1536 + 576)
+    assert sorted(map(len, groups)) == [1, 60] and groups[-1] == [60]
+    assert group_by_width([5, 2, 5, 2], rows=24, overhead=0.0) == [[1, 3], [0, 2]]
+    layers = list(geolora_layers(_model(freeze=False)).values())
+    for layer, r in zip(layers, [1, 3, 3, 2, 2]):
+        eye = torch.eye(max(layer.out_features, layer.in_features), r, dtype=torch.float64)
+        layer.set_factors(eye[: layer.out_features], torch.ones(r), eye[: layer.in_features])
+        for factor in (layer.U, layer.S, layer.V):
+            factor.grad = torch.zeros_like(factor)
+    layers[1].U.grad = None  # no gradient: not stepped
+    assert plan_buckets(layers) == [[layers[0], layers[3], layers[2]], [layers[4]]]
+    monkeypatch.setattr(geolora.buckets, "BUCKET_OVERHEAD", 0.0)
+    by_rank = plan_buckets(layers)
+    assert by_rank == [[layers[0]], [layers[3]], [layers[2]], [layers[4]]]
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    ranks=st.lists(st.integers(1, 32), min_size=1, max_size=7),
+    rows=st.sampled_from([24, 768, 2112]),
+)
+def test_bucket_grouping_is_the_cheapest_contiguous_partition(ranks, rows):
+    """Against every partition of the sorted ranks into contiguous runs (2^(k-1) of them)."""
+    from geolora.buckets import BUCKET_OVERHEAD, group_by_width
+
+    def cost(groups):
+        return sum(
+            BUCKET_OVERHEAD + len(g) * rows * (2 * max(ranks[i] for i in g)) ** 2 for g in groups
+        )
+
+    groups = group_by_width(ranks, rows)
+    assert sorted(i for g in groups for i in g) == list(range(len(ranks)))
+    order = sorted(range(len(ranks)), key=lambda i: ranks[i])
+    best = min(
+        cost([order[a:b] for a, b in zip((0, *cuts), (*cuts, len(order)))])
+        for k in range(len(order))
+        for cuts in itertools.combinations(range(1, len(order)), k)
+    )
+    assert cost(groups) == pytest.approx(best, rel=1e-12)

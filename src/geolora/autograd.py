@@ -63,7 +63,7 @@ class _AdapterFunction(torch.autograd.Function):
             h = projection.down(x, v)
             ctx.save_for_backward(x, u, s, v, h)
             ctx.scale, ctx.projection = scale, projection
-            return (h @ s.t()) @ u.t() * scale
+            return (h @ (s.t() * scale)) @ u.t()  # s scales the r × r factor, not the output
 
     @staticmethod
     def backward(ctx, dy):

@@ -5,11 +5,13 @@ Per adapter (spec §2): directions ``D_K, D_L, D_S`` from the base rule (:mod:`g
 both bases, the augmented coefficients, an SVD, the shrinkage of the singular values
 (:func:`geolora.integrator.shrink_singular_values`), the rank decision (:mod:`geolora.ranks`),
 the truncation, and the transport of the optimizer state to the new bases. Adapters sharing a shape
-form a bucket that is stepped as one batch, whatever their ranks while ``2r ≤ min(n, m)`` (the
-narrower ones zero-padded to the widest, see :mod:`geolora.integrator`; wider ones only with
-adapters of their own rank): gradients, factors and moments are stacked with one copy each, the
-directions, QR, SVD, truncation and transport run on the stacked tensors (each adapter keeps its
-own Adam step count, rank and new rank), and factors and state go back with one copy per bucket.
+form buckets that are stepped as one batch each (:mod:`geolora.buckets`: ranks with
+``2r ≤ min(n, m)`` grouped by width where padding all to the widest would cost more QR than a
+batch costs, the narrower ones of a group zero-padded, see :mod:`geolora.integrator`; wider
+ones only with adapters of their own rank): gradients, factors and moments are stacked with one
+copy each, the directions, QR, SVD, truncation and transport run on the stacked tensors (each
+adapter keeps its own Adam step count, rank and new rank), and factors and state go back with one
+copy per bucket.
 The singular values of all layers reach the host in one transfer, which is the only device sync
 of the step besides the finiteness check.
 
@@ -21,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -33,6 +34,7 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 from . import base_rules, integrator, ranks
 from ._torch_compat import foreach_add_, foreach_copy_, foreach_norm
 from .base_rules import MOMENT_KEYS, SCALAR_KEYS, split_block
+from .buckets import plan_buckets
 from .config import GeoLoRAConfig
 from .guard import refuse_plain_optimizer
 from .layers import GeoLoRALayer, copy_whole, is_factor, set_stacked_factors, write_leading
@@ -236,22 +238,13 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
         return state
 
     def _geometric_step(self, group: dict) -> None:
-        """Step every adapter with a gradient, in buckets of equal shape (and ``r_max``,
-        ``r_min``, ``dtype``, device), which are stepped as one batch each: all ranks with
-        ``2r ≤ min(n, m)`` share one bucket (zero-padded to the widest), larger ranks get one
-        bucket per rank."""
-        shapes: dict[tuple, list[GeoLoRALayer]] = defaultdict(list)
-        for layer in self._layers.values():
-            u = layer.U
-            if u.grad is not None:
-                n, m, r = u.shape[0], layer.in_features, layer.current_rank
-                width = None if 2 * r <= min(n, m) else r  # None: the padded bucket
-                key = (n, m, width, u.shape[1], min(layer.r_min, layer.r_max))
-                shapes[key + (u.dtype, u.device)].append(layer)
-        if not shapes:
+        """Step every adapter with a gradient, in the buckets of
+        :func:`geolora.buckets.plan_buckets`, each stepped as one batch."""
+        planned = plan_buckets(list(self._layers.values()))
+        if not planned:
             self._warn_no_adapter_gradient()
             return
-        buckets = [self._augment(layers, key[3], key[4], group) for key, layers in shapes.items()]
+        buckets = [self._augment(layers, group) for layers in planned]
         new_ranks = self._choose_ranks(buckets, group["steps"])
         for bucket, ranks_b in zip(buckets, new_ranks):
             self._truncate(bucket, ranks_b, group)
@@ -270,13 +263,14 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
             stacklevel=3,
         )
 
-    def _augment(self, layers: list[GeoLoRALayer], r_max: int, r_min: int, group: dict) -> _Bucket:
+    def _augment(self, layers: list[GeoLoRALayer], group: dict) -> _Bucket:
         """Base-rule directions, ``S₁ = (1 − λ·wd) S − λ D_S``, both augmentations, ``Ŝ``, its
         SVD and the shrunk singular values for the adapters of one bucket at once. Factors,
         gradients and moments are stacked as blocks (see :mod:`geolora.base_rules`): one copy
         each for the whole bucket."""
         lr, decay = group["lr"], 1 - group["lr"] * group["weight_decay"]
         n, m = layers[0].out_features, layers[0].in_features
+        r_max, r_min = layers[0].U.shape[1], min(layers[0].r_min, layers[0].r_max)
         ranks_b = [layer.current_rank for layer in layers]
         r, rows = max(ranks_b), n + m + max(ranks_b)
         active = torch.tensor(ranks_b).to(layers[0].U.device, non_blocking=True)
