@@ -17,6 +17,7 @@ clip gradients at norm 1 and take the learning rate per step from the caller.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import torch
@@ -37,17 +38,26 @@ class MethodTrainer:
         self.method, self.model, self.optimizer, self.steps = method, model, optimizer, 0
         self.trainable = [p for p in model.parameters() if p.requires_grad]
 
-    def step(self, batch: dict[str, Any], lr: float) -> float:
+    def step(self, batch: dict[str, Any], lr: float, marks: list[float] | None = None) -> float:
+        """One training step at ``lr``; with ``marks``, appends ``time.perf_counter()`` at the
+        start and after the forward, backward, clipping, optimizer step and ``zero_grad``."""
+        mark = marks.append if marks is not None else lambda _: None
+        mark(time.perf_counter())
         self.model.train()
         loss = self.model(**batch).loss
+        mark(time.perf_counter())
         loss.backward()
+        mark(time.perf_counter())
         torch.nn.utils.clip_grad_norm_(self.trainable, 1.0)
+        mark(time.perf_counter())
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.step()
         if self.method == "adalora":
             self.model.base_model.update_and_allocate(self.steps)
+        mark(time.perf_counter())
         self.optimizer.zero_grad(set_to_none=True)
+        mark(time.perf_counter())
         self.steps += 1
         return float(loss.detach())
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import math
 import statistics
 import sys
-import time
 from typing import Any
 
 import common
@@ -34,28 +33,16 @@ NAME = "llm_step_time"
 PHASES = ("forward", "backward", "clip", "optimizer", "zero_grad")
 RUNS = {
     "LoRA r=8": ("lora", None),
-    "GeoLoRA": ("geolora", geolora.buckets.BUCKET_OVERHEAD),
+    "GeoLoRA": ("geolora", None),
     "GeoLoRA, one padded bucket per shape": ("geolora", math.inf),
 }
-"""label → (method, the bucket overhead its optimizer steps with)."""
+"""label → (method, the bucket overhead its optimizer steps with; None: the library's)."""
 
 
 def timed_step(trainer: llm_methods.MethodTrainer, batch: dict, lr: float) -> dict[str, float]:
-    """One training step of ``trainer`` (as :meth:`MethodTrainer.step`), seconds per phase."""
-    marks = [time.perf_counter()]
-    trainer.model.train()
-    loss = trainer.model(**batch).loss
-    marks.append(time.perf_counter())
-    loss.backward()
-    marks.append(time.perf_counter())
-    torch.nn.utils.clip_grad_norm_(trainer.trainable, 1.0)
-    marks.append(time.perf_counter())
-    for group in trainer.optimizer.param_groups:
-        group["lr"] = lr
-    trainer.optimizer.step()
-    marks.append(time.perf_counter())
-    trainer.optimizer.zero_grad(set_to_none=True)
-    marks.append(time.perf_counter())
+    """One :meth:`MethodTrainer.step` of ``trainer``, seconds per phase."""
+    marks: list[float] = []
+    trainer.step(batch, lr, marks)
     return dict(zip(PHASES, (b - a for a, b in zip(marks, marks[1:]))))
 
 
@@ -78,7 +65,7 @@ def measure(args: Any) -> dict[str, Any]:
                 method, overhead = RUNS[label]
                 peak = llm_methods.LEARNING_RATES[method]
                 lr = learning_rate_at(step, args.steps, peak, max(1, args.steps // 10))
-                geolora.buckets.BUCKET_OVERHEAD = overhead or default_overhead
+                geolora.buckets.BUCKET_OVERHEAD = default_overhead if overhead is None else overhead
                 times[label].append(timed_step(trainer, batch, lr))
             print(f"step {step + 1}/{args.steps}", file=sys.stderr, flush=True)
     finally:
