@@ -79,7 +79,7 @@ class GeoLoRAConfig:
         metadata={"help": "growth margin: keep ceil(rho * r_tau) triplets beyond what tau keeps"},
     )
     shrinkage: float = field(
-        default=0.03,
+        default=0.01,
         metadata={
             "help": "each step lowers every singular value by shrinkage x the step's largest one"
         },
