@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     lines = [
         common.setup_note(args.setup),
         "",
-        "Test accuracy (%) at each learning rate (GeoLoRA r=8→r_max 32, τ=0.1, adam; LoRA "
+        "Test accuracy (%) at each learning rate (GeoLoRA with the library's defaults; LoRA "
         f"r=8; AdaLoRA init_r=12→target_r=8). Always answering the majority class scores "
         f"{100 * majority:.1f}%.",
         "",

@@ -149,7 +149,8 @@ def fit(method: str, hyper: dict[str, Any], setup: planted.PlantedSetup, out) ->
         if hyper.get("lr_warmup"):
             common.linear_warmup(prep.optimizer, hyper["lr_warmup"])
         pretrained = {
-            n: m.weight.norm() for n, m in planted.adapted_modules(planted.student()).items()
+            n: m.weight.detach().norm()
+            for n, m in planted.adapted_modules(planted.student()).items()
         }
         movement = _track_movement(prep, pretrained) if hyper.get("track_movement") else None
         prep.reported_loss = planted.regression_loss
