@@ -21,7 +21,8 @@ changes the data split, the held-out set and the initialisation, for both method
 Every run is stored in ``benchmarks/results/demo_vs_lora_runs/`` (keyed by method, learning
 rate and the demo options, so runs can be split across processes); the tables
 ``benchmarks/results/demo_vs_lora.{md,json}`` are rebuilt from all stored runs of the current
-options.
+options, GeoLoRA runs only where they were trained by the current library source (its
+fingerprint is stored with the run).
 """
 
 from __future__ import annotations
@@ -43,6 +44,8 @@ from tqdm.auto import tqdm
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from methods import geolora_fingerprint  # noqa: E402
 
 from geolora.app.batches import epoch_batches, steps_per_epoch  # noqa: E402
 from geolora.app.classification import encode, load_task  # noqa: E402
@@ -76,6 +79,7 @@ def run_geolora(options: FinetuneOptions) -> dict[str, Any]:
         "final_total_rank": metrics["final_total_rank"],
         "steps": metrics["steps"],
         "train_time_s": metrics["train_time_s"],
+        "code": geolora_fingerprint(),
     }
 
 
@@ -133,7 +137,9 @@ def _variant(run: dict[str, Any]) -> str:
 
 
 def tables(options: FinetuneOptions, key: str) -> tuple[str, dict[str, Any]]:
-    runs = [json.loads(file.read_text()) for file in sorted(RUNS.glob(f"*-{key}.json"))]
+    stored = [json.loads(file.read_text()) for file in sorted(RUNS.glob(f"*-{key}.json"))]
+    code = geolora_fingerprint()
+    runs = [r for r in stored if r["method"] != "geolora" or r.get("code") == code]
     runs.sort(key=lambda r: (r["method"], _variant(r), r["lr"]))
     plain = [r for r in runs if not r.get("overrides")]
     demo = next((r for r in plain if r["method"] == "geolora" and r["lr"] == options.lr), None)
