@@ -1,4 +1,5 @@
-"""The default base rule (issue 9): Riemannian Adam against per-coordinate Adam on the real task.
+"""The default base rule (issue 9): Riemannian Adam against its row-capped variant and
+per-coordinate Adam on the real task.
 
 all-MiniLM-L6-v2 with adapters on every linear map of all six encoder layers (not the top layer
 alone), Rotten Tomatoes, 400 steps, seed 0, the library's other defaults (r = 8, r_max = 32,
@@ -25,6 +26,8 @@ GRID = (
     ("riemannian_adam", 3e-4),
     ("riemannian_adam", 1e-3),
     ("riemannian_adam", 3e-3),
+    ("riemannian_adam_rows", 3e-4),
+    ("riemannian_adam_rows", 1e-3),
     ("adam", 3e-4),
     ("adam", 1e-3),
 )

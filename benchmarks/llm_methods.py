@@ -6,6 +6,8 @@
 * ``geolora-budget``: the same with an exact global budget of LoRA r=8's parameter count,
   ``Σ 8 (n + m)`` over the adapted layers (``budget_unit="params"``, each kept singular value
   costing ``n + m + 1``), so that its final adapters are no larger than LoRA's;
+* ``geolora-rows``: the library defaults with ``base_rule="riemannian_adam_rows"`` (each row's
+  step capped, :mod:`geolora.base_rules`); run by ``llm_lr.py``, not part of the main table;
 * ``lora``: peft ``LoraConfig(r=8, lora_alpha=16)`` with AdamW;
 * ``adalora``: peft ``AdaLoraConfig(init_r=12, target_r=8, lora_alpha=16)`` with AdamW, budget
   phases ``tinit = 10 %`` and ``tfinal = 20 %`` of the steps, ``update_and_allocate(step)`` after
@@ -28,7 +30,9 @@ from geolora.app.models import default_targets, load_causal_lm
 from geolora.model import find_target_names
 
 METHODS = ("geolora", "geolora-budget", "lora", "adalora")
-LEARNING_RATES = {"geolora": 1e-3, "geolora-budget": 1e-3, "lora": 1e-3, "adalora": 3e-3}
+LEARNING_RATES = {
+    "geolora": 1e-3, "geolora-budget": 1e-3, "geolora-rows": 1e-3, "lora": 1e-3, "adalora": 3e-3
+}  # fmt: skip
 
 
 class MethodTrainer:
@@ -127,7 +131,8 @@ def build(
             lora_params = sum(8 * (m.in_features + m.out_features) for m in layers)
             budget = {"budget": lora_params, "budget_unit": "params"}
         get_geolora_model(model, GeoLoRAConfig(target_modules=targets, **budget))
-        return MethodTrainer(method, model, GeoLoRAOptimizer(model, lr=lr))
+        rule = "riemannian_adam_rows" if method == "geolora-rows" else "riemannian_adam"
+        return MethodTrainer(method, model, GeoLoRAOptimizer(model, lr=lr, base_rule=rule))
     if method == "lora":
         config: Any = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=targets)
     else:

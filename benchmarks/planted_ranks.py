@@ -6,6 +6,7 @@ last hidden states (:mod:`planted`). Methods, each run once (seed 0):
 
 * GeoLoRA from r = 1, 4, 16 with the library's defaults (optimizer and config), and the same
   with ``truncation="global"`` (one τ over the singular values of all 36 maps);
+* the same from r = 1, 4, 16 with ``base_rule="riemannian_adam_rows"`` (each feature's step capped);
 * GeoLoRA at a fixed rank 16 (``freeze_ranks_after=0``, no shrinkage): the integrator and base
   rule without any rank decision, to tell a loss gap of the optimizer from one of the ranks;
 * peft LoRA r = 4 / 8 / 16 (``lora_alpha = 2r``, AdamW);
@@ -48,6 +49,10 @@ def specs(budget_rank: int, n_modules: int, smoke: bool) -> list[tuple[str, str,
     rows = [(f"GeoLoRA r={r}", "geolora", {"r": r}) for r in starts]
     rows += [
         (f"GeoLoRA r={r}, global τ", "geolora", {"r": r, "truncation": "global"})
+        for r in ((4,) if smoke else starts)
+    ]
+    rows += [
+        (f"GeoLoRA r={r}, rows", "geolora", {"r": r, "base_rule": "riemannian_adam_rows"})
         for r in ((4,) if smoke else starts)
     ]
     fixed = {"r": 16, "freeze_ranks_after": 0, "shrinkage": 0.0}

@@ -53,14 +53,16 @@ def test_llm_lr_sweep_smoke(tmp_path):
         ("geolora", 1e-4),
         ("geolora", 1e-3),
         ("geolora", 1e-2),
-        ("lora", 1e-3),
+        ("geolora-rows", 1e-3),
+        ("lora", 3e-4),
+        ("lora", 3e-3),
     }
     for label in runs:
         assert f"| {label} |" in md
     first = {label: r["first_loss"] for label, r in payload["results"].items()}
     assert len(set(first.values())) == 1  # one batch, one pretrained model: the same first loss
     last = {label: r["last_loss"] for label, r in payload["results"].items() if "GeoLoRA" in label}
-    assert len(set(last.values())) == 3  # the lr reaches each run
+    assert len(set(last.values())) == 4  # the lr and the base rule reach each run
     for r in payload["results"].values():  # the early peak is over steps that include the first
         assert r["peak_early_loss"] >= r["first_loss"] and r["mean_late_loss"] > 0
 

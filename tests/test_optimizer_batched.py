@@ -7,8 +7,9 @@ part beyond its new rank. The reference here steps one adapter at a time, as wri
 docstrings of :mod:`geolora.base_rules` and :mod:`geolora.integrator`: base-rule directions with
 the adapter's own step count, ``S₁ = (1 − λ·wd) S − λ D_S``, augmentation, SVD, the shrinkage
 ``σ ← max(σ − μ σ_max(ΔŜ), 0)``, the local rank rule with its margin, ``U ← Û P₁``, and the
-transport ``M_K ← M_K C_vᵀ`` … with the second-moment fill (per-coordinate Adam) or the
-invariant scalar (Riemannian Adam). Every step, factors and full-size state (zero beyond the
+transport ``M_K ← M_K C_vᵀ`` … with the second-moment fill (per-coordinate Adam), the
+invariant scalar (Riemannian Adam) or the invariant scalar and row moments (its row-capped
+variant). Every step, factors and full-size state (zero beyond the
 rank) must agree to float64 rounding, both when whole tensors are copied (small adapters) and
 when views of their active part are.
 """
@@ -70,11 +71,17 @@ def _reference(layer, state: dict, rule: str, freeze: bool) -> tuple[dict, dict]
         if rule == "sgd":
             first[key] = MOMENTUM * act[key](state[key]) + g
             d[key] = first[key]
-        elif rule == "riemannian_adam":
+        elif rule.startswith("riemannian_adam"):
             first[key] = BETAS[0] * act[key](state[key]) + (1 - BETAS[0]) * g
             q = BETAS[1] * state["sq"] + (1 - BETAS[1]) * mean_sq
-            m_hat, q_hat = first[key] / (1 - BETAS[0] ** t), q / (1 - BETAS[1] ** t)
-            d[key] = m_hat / (q_hat.sqrt() + EPS)
+            denominator = q
+            if rule == "riemannian_adam_rows":  # one moment per ambient row, one for the core
+                fresh = g.square().mean(1, keepdim=True) if key != "S" else g.square().mean()
+                old_sq = state[key + "_sq"][:, :1] if key != "S" else state["S_sq"][0, 0]
+                second[key] = BETAS[1] * old_sq + (1 - BETAS[1]) * fresh
+                denominator = torch.maximum(second[key], q)
+            m_hat = first[key] / (1 - BETAS[0] ** t)
+            d[key] = m_hat / ((denominator / (1 - BETAS[1] ** t)).sqrt() + EPS)
         else:
             first[key] = BETAS[0] * act[key](state[key]) + (1 - BETAS[0]) * g
             second[key] = BETAS[1] * act[key](state[key + "_sq"]) + (1 - BETAS[1]) * g * g
@@ -98,8 +105,12 @@ def _reference(layer, state: dict, rule: str, freeze: bool) -> tuple[dict, dict]
         "L": first["L"] @ c_u.T,
         "S": c_u @ first["S"] @ c_v.T,
     }
-    if rule == "riemannian_adam":
+    if rule.startswith("riemannian_adam"):
         new["sq"] = q
+    if rule == "riemannian_adam_rows":
+        new["K_sq"] = second["K"].expand(-1, r1)
+        new["L_sq"] = second["L"].expand(-1, r1)
+        new["S_sq"] = second["S"].expand(r1, r1)
     if rule == "adam":
         cu2, cv2 = c_u.square(), c_v.square()
         miss_u, miss_v = (1 - cu2.sum(1)).clamp(min=0), (1 - cv2.sum(1)).clamp(min=0)
@@ -120,7 +131,7 @@ def _reference(layer, state: dict, rule: str, freeze: bool) -> tuple[dict, dict]
     return factors, {key: full(value, state[key]) for key, value in new.items()}
 
 
-@pytest.mark.parametrize("rule", ["riemannian_adam", "adam", "sgd"])
+@pytest.mark.parametrize("rule", ["riemannian_adam", "riemannian_adam_rows", "adam", "sgd"])
 @pytest.mark.parametrize("freeze", [False, True], ids=["local_tau", "frozen_ranks"])
 @pytest.mark.parametrize("copy", ["whole", "views"])
 @pytest.mark.parametrize("grouping", ["padded", "by_rank"])

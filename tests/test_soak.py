@@ -28,7 +28,7 @@ def _state_signature(optimizer: torch.optim.Optimizer) -> list[tuple]:
     )
 
 
-@pytest.mark.parametrize("base_rule", ["riemannian_adam", "adam", "sgd"])
+@pytest.mark.parametrize("base_rule", ["riemannian_adam", "riemannian_adam_rows", "adam", "sgd"])
 def test_soak_high_learning_rate(base_rule):
     torch.manual_seed(0)
     net = torch.nn.Sequential(

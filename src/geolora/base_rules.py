@@ -13,6 +13,18 @@ One small class per rule, registered in :data:`BASE_RULES`:
   gradient itself (rotation-invariant: they do not depend on the bases' coordinates), the step of
   each entry is of order λ whatever the gradient's scale (as with Adam), and every piece of
   state transports exactly.
+* ``riemannian_adam_rows``: ``riemannian_adam`` whose step is also capped block by block. Besides
+  the scalar ``q`` it keeps ``q_i ← β₂q_i + (1−β₂)·mean_j G[i, j]²`` for every row of ``G_K`` (an
+  output feature) and of ``G_L`` (an input feature), and one ``q_S`` of ``mean(G_S∘G_S)`` for the
+  core block, and divides each row of the direction by ``sqrt(max(q̂_i, q̂)) + ε`` (the core by
+  ``sqrt(max(q̂_S, q̂)) + ε``): no row and not the core moves by more than order λ per entry, and
+  none is amplified beyond ``riemannian_adam``'s step. A row's mean over the columns (its squared
+  norm over an orthonormal basis of the span, over r) and the core's mean do not depend on the
+  bases' coordinates, so rank decisions stay rotation-invariant. Where a few features carry most of
+  the gradient (the outlier activations of causal LMs), or the core ``Uᵀ G V`` does once the bases
+  hold the gradient's leading directions, the scalar lets those entries take steps far above λ;
+  this rule keeps them at λ, as per-coordinate Adam in LoRA's factors does (docs/algorithm.md §8
+  has the measurements).
 * ``adam``: per-coordinate Adam, ``Q ← β₂Q + (1−β₂)G∘G``, ``D = M̂ / (sqrt(Q̂) + ε)``. Its
   per-coordinate normalisation gives every coordinate of ``D_K``, ``D_L`` a step of order λ,
   including directions with no gradient behind them, which inflates ranks (docs/algorithm.md §8).
@@ -28,11 +40,13 @@ indexed by the V-side basis and columns of L by the U-side basis, so
 
     M_K ← M_K C_vᵀ,   M_L ← M_L C_uᵀ,   M_S ← C_u M_S C_vᵀ          (first moments: exact)
 
-Scalar second moments are invariant. Per-coordinate second moments are not rotation-invariant:
-``adam`` transports them as variances of independent coordinates, ``Q_K ← Q_K (C_v∘C_v)ᵀ`` (and
-alike), which stays non-negative and never cancels to zero; a brand-new direction (a row of ``C``
-with squared norm ``w < 1``) has no history, and the missing share ``1 − w`` is filled with the
-mean second moment of the same row of the old state.
+Scalar second moments are invariant, and so are row second moments (indexed by ambient features,
+not by basis directions) and the core's mean; they are stored as blocks whose active entries all
+hold the row's (the core's) value, so that they ride on the block machinery. Per-coordinate second
+moments are not rotation-invariant: ``adam`` transports them as variances of independent
+coordinates, ``Q_K ← Q_K (C_v∘C_v)ᵀ`` (and alike), which stays non-negative and never cancels to
+zero; a brand-new direction (a row of ``C`` with squared norm ``w < 1``) has no history, and the
+missing share ``1 − w`` is filled with the mean second moment of the same row of the old state.
 """
 
 from __future__ import annotations
@@ -197,6 +211,38 @@ class RiemannianAdam(BaseRule):
         return out
 
 
+class RiemannianAdamRows(RiemannianAdam):
+    """``riemannian_adam`` with each row's and the core's step capped at order λ (see the module
+    docstring)."""
+
+    def kinds(self, hyper: Hyper) -> tuple[str, ...]:
+        return ("first", "second", "scalar_second")
+
+    def directions(self, moments, grad, steps, hyper, active):
+        beta1, beta2 = hyper.betas
+        c1, c2 = _bias_corrections(steps, hyper.betas, grad)
+        first = moments["first"].lerp(grad, 1 - beta1)
+        r = grad.shape[-1]
+        rows = grad.shape[-2] - r + active  # n + m + r per adapter
+        square = grad.square()
+        mean_sq = square.sum(dim=(-2, -1), keepdim=True) / _per_adapter(rows * active)
+        scalar = moments["scalar_second"].lerp(mean_sq, 1 - beta2)
+        row_sq = square[..., :-r, :].sum(-1, keepdim=True) / _per_adapter(active)
+        core_sq = square[..., -r:, :].sum(dim=(-2, -1), keepdim=True) / _per_adapter(active**2)
+        fresh = torch.cat([row_sq, core_sq.expand(-1, r, 1)], dim=-2)
+        second = moments["second"][..., :1].lerp(fresh, 1 - beta2)
+        d = (first / c1) / ((torch.maximum(second, scalar) / c2).sqrt() + hyper.eps)
+        return {"first": first, "second": second, "scalar_second": scalar}, d
+
+    def transport(self, moments, n, m, c_u, c_v, live, active):
+        out = super().transport(moments, n, m, c_u, c_v, live, active)
+        k, l, s = split_block(moments["second"], n, m)
+        out["K_sq"] = k * live.unsqueeze(-2)
+        out["L_sq"] = l * live.unsqueeze(-2)
+        out["S_sq"] = s[..., :1, :] * (live.unsqueeze(-1) * live.unsqueeze(-2))
+        return out
+
+
 def _per_adapter(counts: Tensor) -> Tensor:
     """Integer counts (B,) as a (B, 1, 1) divisor."""
     return counts.view(-1, 1, 1)
@@ -211,6 +257,7 @@ def _fill_new(old_sq: Tensor, moved: Tensor, missing: Tensor, active: Tensor) ->
 
 BASE_RULES: dict[str, BaseRule] = {
     "riemannian_adam": RiemannianAdam(),
+    "riemannian_adam_rows": RiemannianAdamRows(),
     "adam": Adam(),
     "sgd": SGD(),
 }
