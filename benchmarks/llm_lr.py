@@ -1,6 +1,7 @@
 """Learning rates on the causal-LM task of ``llm_sft.py``: GeoLoRA at 1e-4 … 1e-2 and GeoLoRA
-with ``base_rule="riemannian_adam_rows"`` at 3e-4 … 3e-3 against peft LoRA r=8 at 3e-4 … 3e-3,
-side by side on the same batches (one seed per call).
+with ``base_rule="riemannian_adam_rows"`` at 3e-4 … 3e-3 (and at 3e-4, 1e-3 with a budget of
+LoRA r=8's parameter count) against peft LoRA r=8 at 3e-4 … 3e-3, side by side on the same
+batches (one seed per call).
 
 ``llm_sft.py`` runs every method at one untuned lr, and GeoLoRA's accuracy there depends on
 the seed. This sweep asks whether another lr or the row-capped base rule fixes that; its
@@ -29,6 +30,8 @@ RUNS = {
     "GeoLoRA rows, lr 3e-4": ("geolora-rows", 3e-4),
     "GeoLoRA rows, lr 1e-3": ("geolora-rows", 1e-3),
     "GeoLoRA rows, lr 3e-3": ("geolora-rows", 3e-3),
+    "GeoLoRA rows, budget = LoRA's params, lr 3e-4": ("geolora-rows-budget", 3e-4),
+    "GeoLoRA rows, budget = LoRA's params, lr 1e-3": ("geolora-rows-budget", 1e-3),
     "LoRA r=8, lr 3e-4": ("lora", 3e-4),
     "LoRA r=8, lr 1e-3": ("lora", 1e-3),
     "LoRA r=8, lr 3e-3": ("lora", 3e-3),

@@ -54,6 +54,7 @@ def test_llm_lr_sweep_smoke(tmp_path):
         ("geolora", 1e-3),
         ("geolora", 1e-2),
         ("geolora-rows", 1e-3),
+        ("geolora-rows-budget", 3e-4),
         ("lora", 3e-4),
         ("lora", 3e-3),
     }
@@ -62,7 +63,7 @@ def test_llm_lr_sweep_smoke(tmp_path):
     first = {label: r["first_loss"] for label, r in payload["results"].items()}
     assert len(set(first.values())) == 1  # one batch, one pretrained model: the same first loss
     last = {label: r["last_loss"] for label, r in payload["results"].items() if "GeoLoRA" in label}
-    assert len(set(last.values())) == 4  # the lr and the base rule reach each run
+    assert len(set(last.values())) == 5  # the lr and the base rule reach each run
     for r in payload["results"].values():  # the early peak is over steps that include the first
         assert r["peak_early_loss"] >= r["first_loss"] and r["mean_late_loss"] > 0
 
