@@ -63,6 +63,7 @@ def test_sft_learns_the_answers_and_writes_adapter_peft_and_merged(sft_run, llam
     assert (metrics["train_examples"], metrics["eval_examples"], metrics["steps"]) == (32, 8, 12)
     assert metrics["exact_match"] == 1.0 and metrics["accuracy"] == 1.0
     assert metrics["peak_lr"] == 0.03  # the lr the run used (--lr 0.03)
+    assert metrics["base_rule"] == "riemannian_adam_rows"  # causal-lm's default rule
     assert metrics["label_names"] == sorted(FACTS.values())
     assert metrics["perplexity"] == pytest.approx(torch.tensor(metrics["eval_loss"]).exp().item())
     assert metrics["perplexity"] < 2.0

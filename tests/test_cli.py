@@ -361,5 +361,8 @@ def test_every_option_is_a_flag_a_config_key_and_documented():
     defaults = {task: FinetuneOptions(task=task).peak_lr for task in tasks}
     assert defaults == {"classification": 1e-3, "causal-lm": 3e-4}  # the task picks the default
     assert FinetuneOptions(task="causal-lm", lr=0.01).peak_lr == 0.01
+    rules = {task: FinetuneOptions(task=task).task_base_rule for task in tasks}
+    assert rules == {"classification": None, "causal-lm": "riemannian_adam_rows"}
+    assert FinetuneOptions(task="causal-lm", base_rule="sgd").task_base_rule == "sgd"
     options = FinetuneOptions.from_dict({"r-max": 16, "lr": 0.01, "threads": 1, "quiet": True})
     assert options.adapter == {"r_max": 16} and options.adapter_config("all-linear").r_max == 16

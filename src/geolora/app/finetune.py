@@ -181,7 +181,8 @@ def finetune(
     job = build_job(options)
     model, train = job.model, job.train
     initial = rank_report(model)
-    optimizer_options = {} if options.base_rule is None else {"base_rule": options.base_rule}
+    rule = options.task_base_rule
+    optimizer_options = {} if rule is None else {"base_rule": rule}
     optimizer = GeoLoRAOptimizer(
         model, lr=options.peak_lr, weight_decay=options.weight_decay, **optimizer_options
     )
@@ -260,6 +261,7 @@ def finetune(
         "threads": torch.get_num_threads(),
         "geolora_version": __version__,
         "peak_lr": options.peak_lr,  # the lr used, also when options.lr is the task's default
+        "base_rule": optimizer.param_groups[0]["base_rule"],  # likewise the rule used
         "options": options.to_dict(),
         "files": sorted([*files, "metrics.json"]),
     }

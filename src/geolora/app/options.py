@@ -77,7 +77,11 @@ class FinetuneOptions:
     )
     base_rule: str | None = field(
         default=None,
-        metadata=_help("update rule of the factors (default: GeoLoRAOptimizer's)"),
+        metadata=_help(
+            "update rule of the factors (default: GeoLoRAOptimizer's for classification, "
+            "riemannian_adam_rows for causal-lm, whose default rule collapses on some seeds: "
+            "docs/llm.md)"
+        ),
     )
     lr: float | None = field(
         default=None,
@@ -168,6 +172,11 @@ class FinetuneOptions:
     @property
     def peak_lr(self) -> float:
         return self.lr or (3e-4 if self.task == "causal-lm" else 1e-3)
+
+    @property
+    def task_base_rule(self) -> str | None:
+        """``base_rule``, else the task's default (``None``: GeoLoRAOptimizer's own)."""
+        return self.base_rule or ("riemannian_adam_rows" if self.task == "causal-lm" else None)
 
     @property
     def token_limit(self) -> int:
