@@ -30,9 +30,9 @@ test: lint
 FLOOR_VENV := .venv-floor
 FLOOR_PINS := torch==2.4.1 transformers==4.45.2 peft==0.13.2
 FLOOR_TESTS := tests/test_torch_compat.py tests/test_integrator.py tests/test_ranks.py \
-	tests/test_layers.py tests/test_optimizer.py tests/test_optimizer_batched.py tests/test_merge.py \
-	tests/test_io.py tests/test_checkpoint.py tests/test_layer_kinds.py tests/test_mixed_precision.py \
-	tests/test_fuzz.py
+	tests/test_layers.py tests/test_optimizer.py tests/test_rank_dynamics.py \
+	tests/test_optimizer_batched.py tests/test_merge.py tests/test_io.py tests/test_checkpoint.py \
+	tests/test_layer_kinds.py tests/test_mixed_precision.py tests/test_fuzz.py
 
 test-floor:
 	python3 -m venv $(FLOOR_VENV)
