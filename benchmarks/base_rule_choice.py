@@ -1,4 +1,4 @@
-"""The default base rule (issue 9): Riemannian Adam against its row-capped variant and
+"""The default base rule (issue 9): Riemannian Adam against its per-feature variants and
 per-coordinate Adam on the real task.
 
 all-MiniLM-L6-v2 with adapters on every linear map of all six encoder layers (not the top layer
@@ -28,16 +28,22 @@ GRID = (
     ("riemannian_adam", 3e-3),
     ("riemannian_adam_rows", 3e-4),
     ("riemannian_adam_rows", 1e-3),
+    ("riemannian_adam_features", 3e-4),
+    ("riemannian_adam_features", 1e-3),
     ("adam", 3e-4),
     ("adam", 1e-3),
 )
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    args = common.parse_args(__doc__.splitlines()[0], argv)
+    def options(parser) -> None:
+        rules = list(dict.fromkeys(rule for rule, _ in GRID))
+        parser.add_argument("--rules", nargs="+", choices=rules, default=rules, help="only these")
+
+    args = common.parse_args(__doc__.splitlines()[0], argv, add_options=options)
     setup = SMOKE if args.smoke else SETUP
     rows, payload = [], {}
-    for rule, lr in GRID:
+    for rule, lr in (cell for cell in GRID if cell[0] in args.rules):
         hyper = dict(lr=lr, base_rule=rule, lora_alpha=None)
         res = common.run("geolora", hyper, setup, args.out)
         payload[f"{rule}@{lr:g}"] = res

@@ -31,6 +31,7 @@ import tempfile
 from typing import Any
 
 import common
+import factor_adam
 import minilm
 import planted
 import torch
@@ -52,7 +53,8 @@ def specs(budget_rank: int, n_modules: int, smoke: bool) -> list[tuple[str, str,
         for r in ((4,) if smoke else starts)
     ]
     rows += [
-        (f"GeoLoRA r={r}, rows", "geolora", {"r": r, "base_rule": "riemannian_adam_rows"})
+        (f"GeoLoRA r={r}, {name}", "geolora", {"r": r, "base_rule": f"riemannian_adam_{name}"})
+        for name in ("rows", "features")
         for r in ((4,) if smoke else starts)
     ]
     fixed = {"r": 16, "freeze_ranks_after": 0, "shrinkage": 0.0}
@@ -148,9 +150,11 @@ def fit(method: str, hyper: dict[str, Any], setup: planted.PlantedSetup, out) ->
         torch.set_num_threads(minilm.THREADS)
         d = planted.data(setup)
         torch.manual_seed(0)
-        extras = ("truncate", "lr_warmup", "track_movement")
+        extras = ("truncate", "lr_warmup", "track_movement", "second_moment")
         fit_hyper = {k: v for k, v in hyper.items() if k not in extras}
         prep = prepare(method, fit_hyper, planted.student(), setup.steps, heads=[])
+        if hyper.get("second_moment"):  # LoRA with another Adam granularity (factor_adam.py)
+            prep.optimizer = factor_adam.for_lora(prep.model, hyper["second_moment"], hyper["lr"])
         if hyper.get("lr_warmup"):
             common.linear_warmup(prep.optimizer, hyper["lr_warmup"])
         pretrained = {

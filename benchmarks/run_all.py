@@ -22,6 +22,7 @@ SCRIPTS = (
     "base_rule_choice",
     "planted_ranks",
     "planted_steps",
+    "planted_normalisers",
     "step_alignment",
     "text_comparison",
     "lr_sweep",

@@ -259,6 +259,16 @@ def test_command_names_the_options_that_differ_from_the_defaults(tmp_path):
     assert common.parse_args("x", [], ("geolora", "lora")).extras == ""
 
 
+def test_planted_normalisers_swaps_lora_optimizer(smoke_out):
+    """The LoRA rows differ only in the Adam granularity, so their fits differ."""
+    rows = json.loads((smoke_out / "planted_normalisers.json").read_text())["rows"]
+    lora = {r["normaliser"]: r for r in rows if r["method"] == "LoRA r=16"}
+    adamw, shared = lora["each coordinate (AdamW)"], lora["the whole adapter"]
+    assert "second_moment" not in adamw["hyper"] and shared["hyper"]["second_moment"] == "adapter"
+    assert adamw["relative_loss"] != shared["relative_loss"]
+    assert any(r["method"] == "GeoLoRA fixed r=16" for r in rows)
+
+
 def test_planted_steps_keeps_the_first_losses_and_warms_up(smoke_out):
     data = json.loads((smoke_out / "planted_steps.json").read_text())
     rows = {r["label"]: r for r in data["rows"]}

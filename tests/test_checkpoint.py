@@ -15,6 +15,7 @@ N_FIRST, N_MORE = 4, 4
 RULES = [
     dict(base_rule="adam", lr=2e-2),
     dict(base_rule="riemannian_adam_rows", lr=2e-2),
+    dict(base_rule="riemannian_adam_features", lr=2e-2),
     dict(base_rule="sgd", momentum=0.9, lr=0.5, other_lr=1e-3),
 ]
 
@@ -67,7 +68,9 @@ def assert_close(a, b, atol):
     assert worst <= atol, worst
 
 
-@pytest.mark.parametrize("rule", RULES, ids=["adam", "riemannian_adam_rows", "sgd-momentum"])
+@pytest.mark.parametrize(
+    "rule", RULES, ids=["adam", "riemannian_adam_rows", "riemannian_adam_features", "sgd-momentum"]
+)
 def test_resume_continues_exactly_like_the_uninterrupted_run(tmp_path, rule):
     data = batches(N_FIRST + N_MORE)
     model_a = build()

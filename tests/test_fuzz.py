@@ -112,7 +112,9 @@ def layer_problems(draw):
         r_max=draw(st.integers(r, 24)),
         tau=draw(st.floats(0.0, 0.5)),
         lr=draw(st.floats(1e-4, 0.1)),
-        base_rule=draw(st.sampled_from(["adam", "riemannian_adam_rows", "sgd"])),
+        base_rule=draw(
+            st.sampled_from(["adam", "riemannian_adam_rows", "riemannian_adam_features", "sgd"])
+        ),
         momentum=draw(st.sampled_from([0.0, 0.9])),
         dtype=draw(DTYPES),
         seed=draw(st.integers(0, 2**16)),

@@ -24,6 +24,7 @@ def _bert_batch(gen, batch=8, length=10):
     [
         ("riemannian_adam", 1e-2, 1e-2, 0.7),
         ("riemannian_adam_rows", 1e-2, 1e-2, 0.7),
+        ("riemannian_adam_features", 1e-2, 1e-2, 0.7),
         ("adam", 1e-2, 1e-2, 0.7),
         ("sgd", 0.3, 1e-3, 0.95),
     ],

@@ -75,11 +75,15 @@ def _reference(layer, state: dict, rule: str, freeze: bool) -> tuple[dict, dict]
             first[key] = BETAS[0] * act[key](state[key]) + (1 - BETAS[0]) * g
             q = BETAS[1] * state["sq"] + (1 - BETAS[1]) * mean_sq
             denominator = q
-            if rule == "riemannian_adam_rows":  # one moment per ambient row, one for the core
+            if rule in ("riemannian_adam_rows", "riemannian_adam_features"):
+                # one moment per ambient row, one for the core
                 fresh = g.square().mean(1, keepdim=True) if key != "S" else g.square().mean()
                 old_sq = state[key + "_sq"][:, :1] if key != "S" else state["S_sq"][0, 0]
                 second[key] = BETAS[1] * old_sq + (1 - BETAS[1]) * fresh
-                denominator = torch.maximum(second[key], q)
+                if rule == "riemannian_adam_rows":
+                    denominator = torch.maximum(second[key], q)
+                elif key != "S":  # features: the rows by their own moment, the core by q
+                    denominator = second[key]
             m_hat = first[key] / (1 - BETAS[0] ** t)
             d[key] = m_hat / ((denominator / (1 - BETAS[1] ** t)).sqrt() + EPS)
         else:
@@ -107,7 +111,7 @@ def _reference(layer, state: dict, rule: str, freeze: bool) -> tuple[dict, dict]
     }
     if rule.startswith("riemannian_adam"):
         new["sq"] = q
-    if rule == "riemannian_adam_rows":
+    if rule in ("riemannian_adam_rows", "riemannian_adam_features"):
         new["K_sq"] = second["K"].expand(-1, r1)
         new["L_sq"] = second["L"].expand(-1, r1)
         new["S_sq"] = second["S"].expand(r1, r1)
@@ -131,7 +135,9 @@ def _reference(layer, state: dict, rule: str, freeze: bool) -> tuple[dict, dict]
     return factors, {key: full(value, state[key]) for key, value in new.items()}
 
 
-@pytest.mark.parametrize("rule", ["riemannian_adam", "riemannian_adam_rows", "adam", "sgd"])
+@pytest.mark.parametrize(
+    "rule", ["riemannian_adam", "riemannian_adam_rows", "riemannian_adam_features", "adam", "sgd"]
+)
 @pytest.mark.parametrize("freeze", [False, True], ids=["local_tau", "frozen_ranks"])
 @pytest.mark.parametrize("copy", ["whole", "views"])
 @pytest.mark.parametrize("grouping", ["padded", "by_rank"])

@@ -202,7 +202,9 @@ def _rotated_start_run(base_rule: str, rotate: bool, steps: int = 4):
     return trace
 
 
-@pytest.mark.parametrize("base_rule", ["riemannian_adam", "riemannian_adam_rows"])
+@pytest.mark.parametrize(
+    "base_rule", ["riemannian_adam", "riemannian_adam_rows", "riemannian_adam_features"]
+)
 def test_steps_and_ranks_do_not_depend_on_the_bases_coordinates(base_rule):
     """Turning the bases within their spans (the same point, other coordinates) changes neither
     the ranks nor the weights the steps reach; per-coordinate ``adam`` does depend on them."""

@@ -25,6 +25,15 @@ One small class per rule, registered in :data:`BASE_RULES`:
   hold the gradient's leading directions, the scalar lets those entries take steps far above λ;
   this rule keeps them at λ, as per-coordinate Adam in LoRA's factors does (docs/algorithm.md §8
   has the measurements).
+* ``riemannian_adam_features``: the same moments as ``riemannian_adam_rows``, but row ``i`` of
+  ``D_K`` and ``D_L`` is ``M̂_i / (sqrt(q̂_i) + ε)`` with no floor, and the core's is
+  ``M̂_S / (sqrt(q̂) + ε)`` (the core's own moment is kept, unused, so that the state is that of
+  ``riemannian_adam_rows``). Every ambient feature's step is of order λ, as in Adam on LoRA's
+  ``A`` and ``B`` (peft LoRA with one second moment per feature fits the planted teacher as well
+  as with AdamW's per coordinate), while the core, where the gradient concentrates once the bases
+  hold its leading directions, keeps ``riemannian_adam``'s large step (capping it at λ per entry
+  as ``riemannian_adam_rows`` does slows the fit). Rotation-invariant and exactly transported
+  like ``riemannian_adam_rows`` (docs/algorithm.md §8).
 * ``adam``: per-coordinate Adam, ``Q ← β₂Q + (1−β₂)G∘G``, ``D = M̂ / (sqrt(Q̂) + ε)``. Its
   per-coordinate normalisation gives every coordinate of ``D_K``, ``D_L`` a step of order λ,
   including directions with no gradient behind them, which inflates ranks (docs/algorithm.md §8).
@@ -218,10 +227,11 @@ class RiemannianAdamRows(RiemannianAdam):
     def kinds(self, hyper: Hyper) -> tuple[str, ...]:
         return ("first", "second", "scalar_second")
 
-    def directions(self, moments, grad, steps, hyper, active):
-        beta1, beta2 = hyper.betas
-        c1, c2 = _bias_corrections(steps, hyper.betas, grad)
-        first = moments["first"].lerp(grad, 1 - beta1)
+    def moments(self, moments, grad, steps, hyper, active) -> dict[str, Tensor]:
+        """The updated first moments, scalar ``q`` and row / core second moments (as blocks
+        whose active entries all hold their row's or the core's value)."""
+        beta2 = hyper.betas[1]
+        first = moments["first"].lerp(grad, 1 - hyper.betas[0])
         r = grad.shape[-1]
         rows = grad.shape[-2] - r + active  # n + m + r per adapter
         square = grad.square()
@@ -231,8 +241,18 @@ class RiemannianAdamRows(RiemannianAdam):
         core_sq = square[..., -r:, :].sum(dim=(-2, -1), keepdim=True) / _per_adapter(active**2)
         fresh = torch.cat([row_sq, core_sq.expand(-1, r, 1)], dim=-2)
         second = moments["second"][..., :1].lerp(fresh, 1 - beta2)
-        d = (first / c1) / ((torch.maximum(second, scalar) / c2).sqrt() + hyper.eps)
-        return {"first": first, "second": second, "scalar_second": scalar}, d
+        return {"first": first, "second": second, "scalar_second": scalar}
+
+    def denominator(self, second: Tensor, scalar: Tensor, r: int) -> Tensor:
+        """What each row of the direction is divided by (before the bias correction):
+        ``max(q_row, q)`` for the rows of ``K`` and ``L``, ``max(q_S, q)`` for the core."""
+        return torch.maximum(second, scalar)
+
+    def directions(self, moments, grad, steps, hyper, active):
+        c1, c2 = _bias_corrections(steps, hyper.betas, grad)
+        new = self.moments(moments, grad, steps, hyper, active)
+        q = self.denominator(new["second"], new["scalar_second"], grad.shape[-1])
+        return new, (new["first"] / c1) / ((q / c2).sqrt() + hyper.eps)
 
     def transport(self, moments, n, m, c_u, c_v, live, active):
         out = super().transport(moments, n, m, c_u, c_v, live, active)
@@ -241,6 +261,15 @@ class RiemannianAdamRows(RiemannianAdam):
         out["L_sq"] = l * live.unsqueeze(-2)
         out["S_sq"] = s[..., :1, :] * (live.unsqueeze(-1) * live.unsqueeze(-2))
         return out
+
+
+class RiemannianAdamFeatures(RiemannianAdamRows):
+    """One second moment per ambient feature for the rows of ``K`` and ``L``, the adapter's
+    scalar for the core (see the module docstring)."""
+
+    def denominator(self, second: Tensor, scalar: Tensor, r: int) -> Tensor:
+        """``q_row`` for the rows of ``K`` and ``L`` (no floor), ``q`` for the core."""
+        return torch.cat([second[..., :-r, :], scalar.expand(-1, r, 1)], dim=-2)
 
 
 def _per_adapter(counts: Tensor) -> Tensor:
@@ -258,6 +287,7 @@ def _fill_new(old_sq: Tensor, moved: Tensor, missing: Tensor, active: Tensor) ->
 BASE_RULES: dict[str, BaseRule] = {
     "riemannian_adam": RiemannianAdam(),
     "riemannian_adam_rows": RiemannianAdamRows(),
+    "riemannian_adam_features": RiemannianAdamFeatures(),
     "adam": Adam(),
     "sgd": SGD(),
 }

@@ -102,8 +102,9 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
         model: the GeoLoRA model (or a DDP wrapper of it).
         lr: learning rate ``λ`` of the adapters and (unless ``other_lr``) of the other parameters.
         weight_decay: decoupled weight decay for the adapters and the other parameters.
-        base_rule: ``"riemannian_adam"`` (default), ``"riemannian_adam_rows"``, ``"adam"`` or
-            ``"sgd"`` directions for the factors (spec §4, :mod:`geolora.base_rules`).
+        base_rule: ``"riemannian_adam"`` (default), ``"riemannian_adam_rows"``,
+            ``"riemannian_adam_features"``, ``"adam"`` or ``"sgd"`` directions for the factors
+            (spec §4, :mod:`geolora.base_rules`).
         betas, eps: Adam constants (also for the AdamW step of the other parameters).
         momentum: heavy-ball momentum for ``base_rule="sgd"``.
         other_lr: learning rate of the non-adapter parameters, if different.
