@@ -39,12 +39,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     def options(parser) -> None:
         rules = list(dict.fromkeys(rule for rule, _ in GRID))
         parser.add_argument("--rules", nargs="+", choices=rules, default=rules, help="only these")
+        parser.add_argument("--shrinkage", type=float, default=None, help="GeoLoRA's μ for all")
 
     args = common.parse_args(__doc__.splitlines()[0], argv, add_options=options)
     setup = SMOKE if args.smoke else SETUP
     rows, payload = [], {}
     for rule, lr in (cell for cell in GRID if cell[0] in args.rules):
         hyper = dict(lr=lr, base_rule=rule, lora_alpha=None)
+        if args.shrinkage is not None:
+            hyper["shrinkage"] = args.shrinkage
         res = common.run("geolora", hyper, setup, args.out)
         payload[f"{rule}@{lr:g}"] = res
         rows.append(

@@ -57,6 +57,11 @@ def specs(budget_rank: int, n_modules: int, smoke: bool) -> list[tuple[str, str,
         for name in ("rows", "features")
         for r in ((4,) if smoke else starts)
     ]
+    features_shrunk = {"base_rule": "riemannian_adam_features", "shrinkage": 0.05}
+    rows += [
+        (f"GeoLoRA r={r}, features, μ=0.05", "geolora", {"r": r, **features_shrunk})
+        for r in ((4,) if smoke else starts)
+    ]
     fixed = {"r": 16, "freeze_ranks_after": 0, "shrinkage": 0.0}
     rows.append(("GeoLoRA fixed r=16", "geolora", fixed))
     rows += [
