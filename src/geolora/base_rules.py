@@ -227,7 +227,7 @@ class RiemannianAdamRows(RiemannianAdam):
     def kinds(self, hyper: Hyper) -> tuple[str, ...]:
         return ("first", "second", "scalar_second")
 
-    def moments(self, moments, grad, steps, hyper, active) -> dict[str, Tensor]:
+    def moments(self, moments, grad, hyper, active) -> dict[str, Tensor]:
         """The updated first moments, scalar ``q`` and row / core second moments (as blocks
         whose active entries all hold their row's or the core's value)."""
         beta2 = hyper.betas[1]
@@ -250,7 +250,7 @@ class RiemannianAdamRows(RiemannianAdam):
 
     def directions(self, moments, grad, steps, hyper, active):
         c1, c2 = _bias_corrections(steps, hyper.betas, grad)
-        new = self.moments(moments, grad, steps, hyper, active)
+        new = self.moments(moments, grad, hyper, active)
         q = self.denominator(new["second"], new["scalar_second"], grad.shape[-1])
         return new, (new["first"] / c1) / ((q / c2).sqrt() + hyper.eps)
 
