@@ -129,7 +129,8 @@ def plant(student: Encoder, setup: PlantedSetup) -> tuple[Encoder, dict[str, int
 
 
 @torch.no_grad()
-def _hidden(model: nn.Module, split: dict[str, Tensor]) -> Tensor:
+def hidden_states(model: nn.Module, split: dict[str, Tensor]) -> Tensor:
+    """``model``'s last hidden states on ``split`` (``hidden``, ``mask``), in chunks of 128."""
     out = []
     for i in range(0, len(split["hidden"]), 128):
         batch = {k: split[k][i : i + 128] for k in ("hidden", "mask")}
@@ -165,9 +166,9 @@ def data(setup: PlantedSetup) -> dict[str, Any]:
     student = Encoder(bert)
     teacher, planted = plant(student, setup)
     for split in splits.values():
-        split["labels"] = _hidden(teacher, split)
+        split["labels"] = hidden_states(teacher, split)
     ev = splits["eval"]
-    base = _hidden(student, ev)
+    base = hidden_states(student, ev)
     weights = ev["mask"].unsqueeze(-1).float()
     pooled = [(h * weights).sum(1) / weights.sum(1) for h in (base, ev["labels"])]
     stats = {
@@ -192,7 +193,8 @@ def relative_loss(model: nn.Module, setup: PlantedSetup) -> float:
     d = data(setup)
     ev = d["eval"]
     return (
-        float(masked_mse(_hidden(model, ev), ev["labels"], ev["mask"])) / d["teacher"]["base_mse"]
+        float(masked_mse(hidden_states(model, ev), ev["labels"], ev["mask"]))
+        / d["teacher"]["base_mse"]
     )
 
 

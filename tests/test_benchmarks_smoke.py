@@ -269,6 +269,35 @@ def test_planted_normalisers_swaps_lora_optimizer(smoke_out):
     assert any(r["method"] == "GeoLoRA fixed r=16" for r in rows)
 
 
+def test_planted_gradient_alignment_against_known_gradients():
+    import planted_gradients
+    import torch
+
+    gen = torch.Generator().manual_seed(0)
+    u = torch.linalg.qr(torch.randn(20, 3, generator=gen))[0]
+    v = torch.linalg.qr(torch.randn(12, 3, generator=gen))[0]
+    delta = u @ torch.diag(torch.tensor([3.0, 2.0, 1.0])) @ v.T
+    along = planted_gradients.alignment(-delta, delta, 3, gen)  # G = −ΔW: points at the change
+    assert along["cos"] == pytest.approx(1.0) and along["share"] == pytest.approx(1.0)
+    assert along["grad_rank"] == 3 and along["random_share"] < 0.9
+    away = torch.randn(20, 12, generator=gen)
+    away -= u @ (u.T @ away)  # no component in the change's output span
+    off = planted_gradients.alignment(away, delta, 3, gen)
+    assert abs(off["cos"]) < 1e-6 and off["share"] < 1e-6
+    assert planted_gradients.alignment(delta, delta, 3, gen)["cos"] == pytest.approx(-1.0)
+
+
+def test_planted_gradients_covers_every_map(smoke_out):
+    maps = json.loads((smoke_out / "planted_gradients.json").read_text())["maps"]
+    assert len(maps) == 36 and {r["planted"] for r in maps.values()} == {0, 2, 8, 24}
+    for r in maps.values():
+        assert r["relative_grad"] > 0
+        if r["planted"]:
+            assert r["visible_rank"] <= r["planted"]
+            assert -1 <= r["alone"]["cos"] <= 1 and r["alone"]["cos"] != r["whole"]["cos"]
+    assert all(r["visible_rank"] == 2 for r in maps.values() if r["planted"] == 2)
+
+
 def test_planted_steps_keeps_the_first_losses_and_warms_up(smoke_out):
     data = json.loads((smoke_out / "planted_steps.json").read_text())
     rows = {r["label"]: r for r in data["rows"]}
