@@ -8,7 +8,8 @@
   costing ``n + m + 1``), so that its final adapters are no larger than LoRA's;
 * ``geolora-rows``: the library defaults with ``base_rule="riemannian_adam_rows"`` (each row's
   step capped, :mod:`geolora.base_rules`), and ``geolora-rows-budget`` that rule with the budget
-  of ``geolora-budget``; run by ``llm_lr.py``, not part of the main table;
+  of ``geolora-budget``; ``geolora-features`` and ``geolora-features-budget`` the same with
+  ``base_rule="riemannian_adam_features"``; run by ``llm_lr.py``, not part of the main table;
 * ``lora``: peft ``LoraConfig(r=8, lora_alpha=16)`` with AdamW;
 * ``adalora``: peft ``AdaLoraConfig(init_r=12, target_r=8, lora_alpha=16)`` with AdamW, budget
   phases ``tinit = 10 %`` and ``tfinal = 20 %`` of the steps, ``update_and_allocate(step)`` after
@@ -33,7 +34,7 @@ from geolora.model import find_target_names
 METHODS = ("geolora", "geolora-budget", "lora", "adalora")
 LEARNING_RATES = {
     "geolora": 1e-3, "geolora-budget": 1e-3, "geolora-rows": 1e-3, "geolora-rows-budget": 1e-3,
-    "lora": 1e-3, "adalora": 3e-3,
+    "geolora-features": 1e-3, "geolora-features-budget": 1e-3, "lora": 1e-3, "adalora": 3e-3,
 }  # fmt: skip
 
 
@@ -133,7 +134,10 @@ def build(
             lora_params = sum(8 * (m.in_features + m.out_features) for m in layers)
             budget = {"budget": lora_params, "budget_unit": "params"}
         get_geolora_model(model, GeoLoRAConfig(target_modules=targets, **budget))
-        rule = "riemannian_adam_rows" if "-rows" in method else "riemannian_adam"
+        rule = next(
+            (f"riemannian_adam_{k}" for k in ("rows", "features") if f"-{k}" in method),
+            "riemannian_adam",
+        )
         return MethodTrainer(method, model, GeoLoRAOptimizer(model, lr=lr, base_rule=rule))
     if method == "lora":
         config: Any = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=targets)

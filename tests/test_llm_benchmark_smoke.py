@@ -14,6 +14,7 @@ pytest.importorskip("peft")
 pytest.importorskip("bitsandbytes")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
+import llm_methods  # noqa: E402
 import llm_sft  # noqa: E402
 
 
@@ -66,6 +67,34 @@ def test_llm_lr_sweep_smoke(tmp_path):
     assert len(set(last.values())) == 5  # the lr and the base rule reach each run
     for r in payload["results"].values():  # the early peak is over steps that include the first
         assert r["peak_early_loss"] >= r["first_loss"] and r["mean_late_loss"] > 0
+
+
+def test_llm_lr_features_sweep_builds_the_features_rule(tmp_path):
+    import llm_lr
+
+    model = save_tiny_llama(tmp_path / "model")
+    args = ["--smoke", "--sweep", "features", "--model", str(model), "--out", str(tmp_path)]
+    payload = llm_lr.main(args)
+    command = json.loads((tmp_path / "llm_lr.json").read_text())["command"]
+    assert command.endswith("--sweep features")
+    assert {tuple(v) for v in payload["runs"].values()} == {
+        ("geolora-features", 3e-4),
+        ("geolora-features", 3e-3),
+        ("geolora-features-budget", 1e-3),
+        ("lora", 3e-4),
+    }
+    rules = {
+        method: llm_methods.build(method, str(model), 3, seed=0).optimizer.param_groups[0]
+        for method in ("geolora-features", "geolora-features-budget", "geolora-rows", "geolora")
+    }
+    assert {m: g["base_rule"] for m, g in rules.items()} == {
+        "geolora-features": "riemannian_adam_features",
+        "geolora-features-budget": "riemannian_adam_features",
+        "geolora-rows": "riemannian_adam_rows",
+        "geolora": "riemannian_adam",
+    }
+    with pytest.raises(SystemExit):
+        llm_lr.parse_args(["--sweep", "nope"])
 
 
 def test_gpu_step_refuses_without_cuda(monkeypatch, capsys):
