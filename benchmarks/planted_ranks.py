@@ -6,7 +6,10 @@ last hidden states (:mod:`planted`). Methods, each run once (seed 0):
 
 * GeoLoRA from r = 1, 4, 16 with the library's defaults (optimizer and config), and the same
   with ``truncation="global"`` (one τ over the singular values of all 36 maps);
-* the same from r = 1, 4, 16 with ``base_rule="riemannian_adam_rows"`` (each feature's step capped);
+* the same from r = 1, 4, 16 with ``base_rule="riemannian_adam_rows"`` (each feature's step
+  capped), with ``base_rule="riemannian_adam_features"`` (one second moment per feature), that
+  rule with ``shrinkage=0.05``, and the default and the features rule under a 30-step linear lr
+  warm-up (:func:`common.linear_warmup`), beside LoRA r = 16 under the same warm-up;
 * GeoLoRA at a fixed rank 16 (``freeze_ranks_after=0``, no shrinkage): the integrator and base
   rule without any rank decision, to tell a loss gap of the optimizer from one of the ranks;
 * peft LoRA r = 4 / 8 / 16 (``lora_alpha = 2r``, AdamW);
@@ -62,12 +65,24 @@ def specs(budget_rank: int, n_modules: int, smoke: bool) -> list[tuple[str, str,
         (f"GeoLoRA r={r}, features, μ=0.05", "geolora", {"r": r, **features_shrunk})
         for r in ((4,) if smoke else starts)
     ]
+    warm = {"lr_warmup": 2 if smoke else 30}
+    for name, rule in (("", {}), (", features", {"base_rule": "riemannian_adam_features"})):
+        rows += [
+            (
+                f"GeoLoRA r={r}{name}, warm-up {warm['lr_warmup']}",
+                "geolora",
+                {"r": r, **rule, **warm},
+            )
+            for r in ((4,) if smoke else starts)
+        ]
     fixed = {"r": 16, "freeze_ranks_after": 0, "shrinkage": 0.0}
     rows.append(("GeoLoRA fixed r=16", "geolora", fixed))
     rows += [
         (f"LoRA r={r}", "lora", {"r": r, "lora_alpha": 2.0 * r, "lr": LORA_LR})
         for r in ((4,) if smoke else (4, 8, 16))
     ]
+    lora16 = {"r": 16, "lora_alpha": 32.0, "lr": LORA_LR, **warm}
+    rows.append((f"LoRA r=16, warm-up {warm['lr_warmup']}", "lora", lora16))
     rows.append(
         (
             f"AdaLoRA 32→{target_r}",
@@ -269,7 +284,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "",
         f"Student: pretrained model + adapters on the same maps, masked MSE on last hidden states, "
         f"{setup.n_train} train / {setup.n_eval} held-out Rotten Tomatoes sentences, max_length "
-        f"{setup.max_length}, batch {setup.batch_size}, {setup.steps} steps, constant lr, seed 0, "
+        f"{setup.max_length}, batch {setup.batch_size}, {setup.steps} steps, constant lr "
+        "(rows with a warm-up: rising linearly over its steps), seed 0, "
         f"{minilm.THREADS} CPU thread. Loss = held-out MSE / MSE of the pretrained model. "
         f"LoRA ranks found = numerical rank of ΔW at τ={NUMERICAL_TAU} (see the script).",
         "",
