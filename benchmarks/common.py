@@ -149,8 +149,9 @@ def linear_warmup(optimizer: torch.optim.Optimizer, steps: int) -> None:
 def run(
     method: str, hyper: dict[str, Any], setup: Setup = FULL, results_dir: Path = RESULTS
 ) -> dict[str, Any]:
-    """Train ``method`` with ``hyper`` (needs ``lr``; ``seed`` defaults to 0) and return its
-    result; cached by :func:`cached`."""
+    """Train ``method`` with ``hyper`` (needs ``lr``; ``seed`` defaults to 0; ``lr_warmup``:
+    steps of :func:`linear_warmup`, none if absent) and return its result; cached by
+    :func:`cached`."""
     if "lr" not in hyper:
         raise ValueError("hyper needs a learning rate 'lr'.")
     hyper = {"seed": 0, **hyper}
@@ -161,8 +162,10 @@ def run(
         seed = hyper["seed"]
         model = top_model(setup.top_layers, seed)
         torch.manual_seed(seed)
-        fit = {k: v for k, v in hyper.items() if k != "seed"}
+        fit = {k: v for k, v in hyper.items() if k not in ("seed", "lr_warmup")}
         prep = prepare(method, fit, model, setup.steps)
+        if hyper.get("lr_warmup"):
+            linear_warmup(prep.optimizer, hyper["lr_warmup"])
         prep.model.train()
         trained = train(prep, data["train"], setup.steps, setup.batch_size, seed)
         return {

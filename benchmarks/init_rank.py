@@ -3,7 +3,8 @@
 τ, scale, base rule), one seed: final total and per-layer ranks, adapter parameters, accuracy.
 
 Target (issue 9): final total rank within ±20 % across the initial ranks, here read as every
-final total rank within ±20 % of their median.
+final total rank within ±20 % of their median. ``--warmup N`` runs the same under a linear lr
+warm-up over the first ``N`` steps (:func:`common.linear_warmup`), ``--lr`` at another lr.
 """
 
 from __future__ import annotations
@@ -29,19 +30,26 @@ def per_layer(ranks: dict[str, int]) -> list[int]:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    args = common.parse_args(__doc__.splitlines()[0], argv)
+    def options(parser) -> None:
+        parser.add_argument("--warmup", type=int, default=0, help="lr warm-up steps (0: none)")
+        parser.add_argument("--lr", type=float, default=geolora_defaults()["lr"])
+
+    args = common.parse_args(__doc__.splitlines()[0], argv, add_options=options)
     setup = minilm.REAL_TASK_SMOKE if args.smoke else minilm.REAL_TASK
-    lr = geolora_defaults()["lr"]
+    lr = args.lr
+    warm = {"lr_warmup": args.warmup} if args.warmup else {}
     ranks = (1, 8) if args.smoke else RANKS
     runs = []
     for r in ranks:
         print(f"GeoLoRA r={r} ...", flush=True)
-        runs.append(common.run("geolora", {"r": r, "lr": lr}, setup, args.out))
+        runs.append(common.run("geolora", {"r": r, "lr": lr, **warm}, setup, args.out))
     lines = [
         common.setup_note(setup),
         "",
-        f"GeoLoRA with the library's defaults (lr {lr:g}), only the initial rank r changes; "
-        "seed 0. Per-layer rank = sum over the layer's six adapted maps (layer 0 first).",
+        f"GeoLoRA with the library's defaults (lr {lr:g}"
+        + (f", linear warm-up over the first {args.warmup} steps" if args.warmup else "")
+        + "), only the initial rank r changes; seed 0. Per-layer rank = sum over the layer's "
+        "six adapted maps (layer 0 first).",
         "",
         "| initial r | final total rank | per-layer ranks | adapter params | test acc (%) "
         "| val acc (%) | final train loss | s / run |",

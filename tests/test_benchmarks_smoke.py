@@ -84,6 +84,26 @@ def test_runs_are_cached_by_full_configuration(smoke_out, monkeypatch):
         common.run("head", {"lr": 2e-3}, minilm.SMOKE, smoke_out)
 
 
+def test_lr_warmup_reaches_the_optimizer(tmp_path, monkeypatch):
+    """``lr_warmup`` is not a method option: it scales the lr of the first steps."""
+    seen: list[float] = []
+    real = common.train
+
+    def spy(prep, *args, **kwargs):
+        prep.optimizer.register_step_pre_hook(
+            lambda opt, *_: seen.append(opt.param_groups[0]["lr"])
+        )
+        return real(prep, *args, **kwargs)
+
+    monkeypatch.setattr(common, "train", spy)
+    warm = common.run("geolora", {"r": 2, "lr": 1e-3, "lr_warmup": 2}, minilm.SMOKE, tmp_path)
+    assert seen == pytest.approx([5e-4, 1e-3, 1e-3])  # steps 1 and 2 of 2, then the full lr
+    seen.clear()
+    plain = common.run("geolora", {"r": 2, "lr": 1e-3}, minilm.SMOKE, tmp_path)
+    assert seen == pytest.approx([1e-3] * 3)
+    assert warm["first_losses"][1:] != plain["first_losses"][1:]
+
+
 def test_config_key_separates_configurations():
     _, a = common.config_key("lora", {"lr": 1e-3, "seed": 0}, minilm.SMOKE)
     _, b = common.config_key("lora", {"lr": 1e-3, "seed": 0, "r": 8}, minilm.SMOKE)
