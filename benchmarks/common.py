@@ -146,6 +146,13 @@ def linear_warmup(optimizer: torch.optim.Optimizer, steps: int) -> None:
     optimizer.register_step_post_hook(lambda *_: schedule.step())
 
 
+def warm_up_as_asked(optimizer: torch.optim.Optimizer, hyper: dict[str, Any]) -> None:
+    """:func:`linear_warmup` over ``hyper["lr_warmup"]`` steps if that key is set (a run
+    option, not a method option: callers leave it out of what they pass to ``prepare``)."""
+    if hyper.get("lr_warmup"):
+        linear_warmup(optimizer, hyper["lr_warmup"])
+
+
 def run(
     method: str, hyper: dict[str, Any], setup: Setup = FULL, results_dir: Path = RESULTS
 ) -> dict[str, Any]:
@@ -164,8 +171,7 @@ def run(
         torch.manual_seed(seed)
         fit = {k: v for k, v in hyper.items() if k not in ("seed", "lr_warmup")}
         prep = prepare(method, fit, model, setup.steps)
-        if hyper.get("lr_warmup"):
-            linear_warmup(prep.optimizer, hyper["lr_warmup"])
+        warm_up_as_asked(prep.optimizer, hyper)
         prep.model.train()
         trained = train(prep, data["train"], setup.steps, setup.batch_size, seed)
         return {

@@ -4,7 +4,7 @@
 
 Target (issue 9): final total rank within ±20 % across the initial ranks, here read as every
 final total rank within ±20 % of their median. ``--warmup N`` runs the same under a linear lr
-warm-up over the first ``N`` steps (:func:`common.linear_warmup`), ``--lr`` at another lr.
+warm-up over the first ``N`` steps (:func:`common.linear_warmup`).
 """
 
 from __future__ import annotations
@@ -32,11 +32,10 @@ def per_layer(ranks: dict[str, int]) -> list[int]:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     def options(parser) -> None:
         parser.add_argument("--warmup", type=int, default=0, help="lr warm-up steps (0: none)")
-        parser.add_argument("--lr", type=float, default=geolora_defaults()["lr"])
 
     args = common.parse_args(__doc__.splitlines()[0], argv, add_options=options)
     setup = minilm.REAL_TASK_SMOKE if args.smoke else minilm.REAL_TASK
-    lr = args.lr
+    lr = geolora_defaults()["lr"]
     warm = {"lr_warmup": args.warmup} if args.warmup else {}
     ranks = (1, 8) if args.smoke else RANKS
     runs = []

@@ -48,8 +48,9 @@ FEATURE_RUNS = {
     "GeoLoRA rows, lr 3e-4": ("geolora-rows", 3e-4),
     "LoRA r=8, lr 3e-4": ("lora", 3e-4),
 }
-SWEEPS = {"rules": RUNS, "features": FEATURE_RUNS}
-"""The run sets ``--sweep`` chooses from; the first is the default."""
+SWEEPS = {"rules": (RUNS, "two base rules"), "features": (FEATURE_RUNS, "riemannian_adam_features")}
+"""The run sets ``--sweep`` chooses from (runs, what the title says they compare); the first is
+the default."""
 
 
 def parse_args(argv: list[str] | None):
@@ -69,7 +70,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     logging.set_verbosity_error()
     task, zero_shot = llm_sft.prepare_task(args)
-    runs = SWEEPS[args.sweep]
+    runs, compared = SWEEPS[args.sweep]
     runs = dict(list(runs.items())[::2]) if args.smoke else runs
     results, _ = llm_sft.train_side_by_side(*task, args, runs=runs)
     lines = [
@@ -90,8 +91,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         )
     payload = {"zero_shot": zero_shot, "runs": {k: list(v) for k, v in runs.items()},
                "results": results}  # fmt: skip
-    what = "two base rules" if args.sweep == "rules" else "riemannian_adam_features"
-    title = f"Causal-LM learning rates: GeoLoRA ({what}) vs LoRA"
+    title = f"Causal-LM learning rates: GeoLoRA ({compared}) vs LoRA"
     cmd = llm_sft.command(NAME, args)
     if args.sweep != next(iter(SWEEPS)):
         cmd += f" --sweep {args.sweep}"

@@ -110,10 +110,12 @@ def measure(setup: planted.PlantedSetup, n_sentences: int) -> dict[str, dict[str
             rows[name] = {"planted": 0, "relative_grad": relative_grad, "whole": whole}
             continue
         delta = (teacher[name].weight - modules[name].weight).detach()
-        with torch.no_grad():  # the teacher with this map's change only
-            modules[name].weight += delta
+        weight = modules[name].weight
+        original = weight.detach().clone()
+        with torch.no_grad():  # the teacher with this map's change only, then W exactly back
+            weight += delta
             alone = planted.hidden_states(student, split)
-            modules[name].weight -= delta
+            weight.copy_(original)
         _, alone_grads = _inputs_and_gradients(student, {name: modules[name]}, split, alone)
         rows[name] = {
             "planted": rank,

@@ -175,8 +175,7 @@ def fit(method: str, hyper: dict[str, Any], setup: planted.PlantedSetup, out) ->
         prep = prepare(method, fit_hyper, planted.student(), setup.steps, heads=[])
         if hyper.get("second_moment"):  # LoRA with another Adam granularity (factor_adam.py)
             prep.optimizer = factor_adam.for_lora(prep.model, hyper["second_moment"], hyper["lr"])
-        if hyper.get("lr_warmup"):
-            common.linear_warmup(prep.optimizer, hyper["lr_warmup"])
+        common.warm_up_as_asked(prep.optimizer, hyper)
         pretrained = {
             n: m.weight.detach().norm()
             for n, m in planted.adapted_modules(planted.student()).items()
