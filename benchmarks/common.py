@@ -26,12 +26,15 @@ from methods import DEFAULTS, Prepared, geolora_fingerprint, parameter_counts, p
 from minilm import FULL, SMOKE, THREADS, Setup, features, top_model
 from torch import Tensor, nn
 
+from geolora.app.finetune import learning_rate_at
+
 RESULTS = Path(__file__).resolve().parent / "results"
 VERSION = 2
 LR_GRID = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2)
 FIRST_LOSSES = 30  # per-step losses kept from the start of a run (the curve keeps every 10th)
 FULL_LR_GRID = (3e-5, 1e-4, 3e-4)
 HEAD_LR_GRID = (1e-3, 3e-3, 1e-2)
+SCHEDULE_OPTIONS = ("lr_warmup", "lr_decay")  # run options of schedule_lr_as_asked
 
 
 def take_batch(split: dict[str, Tensor], idx: Tensor) -> tuple[dict[str, Tensor], Tensor]:
@@ -139,17 +142,35 @@ def train(
     }
 
 
-def linear_warmup(optimizer: torch.optim.Optimizer, steps: int) -> None:
-    """Scale the lr by ``min(1, (t + 1) / steps)`` at step ``t``: a linear warm-up done by
+def linear_warmup(
+    optimizer: torch.optim.Optimizer, steps: int, decay_until: int | None = None
+) -> None:
+    """Scale the lr by ``min(1, (t + 1) / steps)`` at step ``t`` (a linear warm-up), or, with
+    ``decay_until = T``, by the ``geolora finetune`` schedule (warm-up, then linear decay to 0 at
+    ``T``; :func:`geolora.app.finetune.learning_rate_at`). Done by
     ``torch.optim.lr_scheduler.LambdaLR``, stepped after every ``optimizer.step()``."""
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda t: min(1.0, (t + 1) / steps))
+
+    def factor(t: int) -> float:
+        if decay_until is None:
+            return min(1.0, (t + 1) / steps)
+        return learning_rate_at(t, decay_until, 1.0, steps)
+
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     optimizer.register_step_post_hook(lambda *_: schedule.step())
 
 
-def warm_up_as_asked(optimizer: torch.optim.Optimizer, hyper: dict[str, Any]) -> None:
-    """:func:`linear_warmup` over ``hyper["lr_warmup"]`` steps if that key is set (a run
-    option, not a method option: callers leave it out of what they pass to ``prepare``)."""
-    if hyper.get("lr_warmup"):
+def schedule_lr_as_asked(
+    optimizer: torch.optim.Optimizer, hyper: dict[str, Any], total_steps: int | None = None
+) -> None:
+    """The run options of the lr schedule (not method options: callers leave them out of what
+    they pass to ``prepare``): :func:`linear_warmup` over ``hyper["lr_warmup"]`` steps if that
+    key is set, and with ``hyper["lr_decay"]`` true the linear decay to 0 at ``total_steps``
+    after it (the schedule ``geolora finetune`` and transformers' Trainer use)."""
+    if hyper.get("lr_decay"):
+        if total_steps is None:
+            raise ValueError("lr_decay needs the run's total_steps.")
+        linear_warmup(optimizer, hyper.get("lr_warmup", 0), decay_until=total_steps)
+    elif hyper.get("lr_warmup"):
         linear_warmup(optimizer, hyper["lr_warmup"])
 
 
@@ -169,9 +190,9 @@ def run(
         seed = hyper["seed"]
         model = top_model(setup.top_layers, seed)
         torch.manual_seed(seed)
-        fit = {k: v for k, v in hyper.items() if k not in ("seed", "lr_warmup")}
+        fit = {k: v for k, v in hyper.items() if k not in ("seed", *SCHEDULE_OPTIONS)}
         prep = prepare(method, fit, model, setup.steps)
-        warm_up_as_asked(prep.optimizer, hyper)
+        schedule_lr_as_asked(prep.optimizer, hyper, setup.steps)
         prep.model.train()
         trained = train(prep, data["train"], setup.steps, setup.batch_size, seed)
         return {
@@ -225,8 +246,19 @@ def publish(name: str, title: str, lines: list[str], payload: dict[str, Any], ar
     return write_table(name, cmd, title, lines, payload, args.out)
 
 
-def setup_note(setup: Setup) -> str:
-    """One line describing the run size, for the tables."""
+def schedule_words(schedule: dict[str, Any] | None) -> str:
+    """The lr schedule of the run options ``schedule`` (see :func:`schedule_lr_as_asked`) in
+    words."""
+    schedule = schedule or {}
+    warmup = schedule.get("lr_warmup")
+    words = f"lr warm-up over {warmup} steps" if warmup else ""
+    if schedule.get("lr_decay"):
+        return f"{words}, then linear lr decay to 0" if words else "linear lr decay to 0"
+    return f"{words}, then constant lr" if words else "constant lr"
+
+
+def setup_note(setup: Setup, schedule: dict[str, Any] | None = None) -> str:
+    """One line describing the run size and lr ``schedule`` (run options), for the tables."""
     trained = (
         "all 6 encoder layers trained (embedding outputs cached)"
         if setup.top_layers == 6
@@ -235,7 +267,8 @@ def setup_note(setup: Setup) -> str:
     return (
         f"all-MiniLM-L6-v2, Rotten Tomatoes: {setup.n_train} train / {setup.n_val} val / "
         f"{setup.n_test} test sentences, max_length {setup.max_length}, batch {setup.batch_size}, "
-        f"{setup.steps} steps, constant lr, AdamW for peft/full/head; {trained}, adapters on "
+        f"{setup.steps} steps, {schedule_words(schedule)}, AdamW for peft/full/head; {trained}, "
+        "adapters on "
         f"all {6 * setup.top_layers} linear maps of the trained layers; lr picked on val "
         f"accuracy, test accuracy reported; {THREADS} CPU thread."
     )
@@ -246,11 +279,14 @@ def parse_args(
     argv: list[str] | None = None,
     methods: tuple[str, ...] = (),
     add_options: Callable[[Any], None] | None = None,
+    schedule: bool = False,
 ):
     """``--smoke`` (a few steps, tiny grids) and ``--out`` (results folder); with ``methods``,
-    also ``--methods`` (a subset of them to run; the tables then hold only those);
-    ``add_options(parser)`` adds a script's own options. ``args.extras`` spells every option
-    that differs from its default except ``--smoke`` (for the table's command line)."""
+    also ``--methods`` (a subset of them to run; the tables then hold only those); with
+    ``schedule``, ``--warmup N`` and ``--decay`` (the lr schedule of every run, as the run
+    options ``args.schedule`` of :func:`schedule_lr_as_asked`); ``add_options(parser)`` adds a
+    script's own options. ``args.extras`` spells every option that differs from its default
+    except ``--smoke`` (for the table's command line)."""
     import argparse
 
     parser = argparse.ArgumentParser(description=description)
@@ -260,9 +296,19 @@ def parse_args(
         parser.add_argument(
             "--methods", nargs="+", choices=methods, default=list(methods), help="run only these"
         )
+    if schedule:
+        parser.add_argument("--warmup", type=int, default=0, help="lr warm-up steps (0: none)")
+        parser.add_argument(
+            "--decay", action="store_true", help="then a linear lr decay to 0 at the last step"
+        )
     if add_options is not None:
         add_options(parser)
     args = parser.parse_args(argv)
+    if schedule:
+        args.schedule = {
+            **({"lr_warmup": args.warmup} if args.warmup else {}),
+            **({"lr_decay": True} if args.decay else {}),
+        }
     args.setup = SMOKE if args.smoke else FULL
     extras = []
     for action in parser._actions:

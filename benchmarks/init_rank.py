@@ -4,7 +4,8 @@
 
 Target (issue 9): final total rank within ±20 % across the initial ranks, here read as every
 final total rank within ±20 % of their median. ``--warmup N`` runs the same under a linear lr
-warm-up over the first ``N`` steps (:func:`common.linear_warmup`).
+warm-up over the first ``N`` steps, ``--decay`` with a linear decay to 0 after it
+(:func:`common.schedule_lr_as_asked`).
 """
 
 from __future__ import annotations
@@ -30,24 +31,20 @@ def per_layer(ranks: dict[str, int]) -> list[int]:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    def options(parser) -> None:
-        parser.add_argument("--warmup", type=int, default=0, help="lr warm-up steps (0: none)")
-
-    args = common.parse_args(__doc__.splitlines()[0], argv, add_options=options)
+    args = common.parse_args(__doc__.splitlines()[0], argv, schedule=True)
     setup = minilm.REAL_TASK_SMOKE if args.smoke else minilm.REAL_TASK
     lr = geolora_defaults()["lr"]
-    warm = {"lr_warmup": args.warmup} if args.warmup else {}
     ranks = (1, 8) if args.smoke else RANKS
     runs = []
     for r in ranks:
         print(f"GeoLoRA r={r} ...", flush=True)
-        runs.append(common.run("geolora", {"r": r, "lr": lr, **warm}, setup, args.out))
+        runs.append(common.run("geolora", {"r": r, "lr": lr, **args.schedule}, setup, args.out))
     lines = [
-        common.setup_note(setup),
+        common.setup_note(setup, args.schedule),
         "",
-        f"GeoLoRA with the library's defaults (lr {lr:g}"
-        + (f", linear warm-up over the first {args.warmup} steps" if args.warmup else "")
-        + "), only the initial rank r changes; seed 0. Per-layer rank = sum over the layer's "
+        f"GeoLoRA with the library's defaults ({'peak ' if args.schedule else ''}lr {lr:g}), "
+        "only the initial rank r "
+        "changes; seed 0. Per-layer rank = sum over the layer's "
         "six adapted maps (layer 0 first).",
         "",
         "| initial r | final total rank | per-layer ranks | adapter params | test acc (%) "

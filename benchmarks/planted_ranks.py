@@ -9,7 +9,9 @@ last hidden states (:mod:`planted`). Methods, each run once (seed 0):
 * the same from r = 1, 4, 16 with ``base_rule="riemannian_adam_rows"`` (each feature's step
   capped), with ``base_rule="riemannian_adam_features"`` (one second moment per feature), that
   rule with ``shrinkage=0.05``, and the default and the features rule under a 30-step linear lr
-  warm-up (:func:`common.linear_warmup`), beside LoRA r = 16 under the same warm-up;
+  warm-up (:func:`common.linear_warmup`), beside LoRA r = 16 under the same warm-up, and both
+  rules under ``geolora finetune``'s whole schedule (that warm-up, then a linear decay to 0),
+  beside LoRA r = 8 / 16 and AdaLoRA under the same schedule;
 * GeoLoRA at a fixed rank 16 (``freeze_ranks_after=0``, no shrinkage): the integrator and base
   rule without any rank decision, to tell a loss gap of the optimizer from one of the ranks;
 * peft LoRA r = 4 / 8 / 16 (``lora_alpha = 2r``, AdamW);
@@ -75,6 +77,13 @@ def specs(budget_rank: int, n_modules: int, smoke: bool) -> list[tuple[str, str,
             )
             for r in ((4,) if smoke else starts)
         ]
+    decay = {**warm, "lr_decay": True}  # the schedule of `geolora finetune`
+    sched = f"warm-up {warm['lr_warmup']} + decay"
+    for name, rule in (("", {}), (", features", {"base_rule": "riemannian_adam_features"})):
+        rows += [
+            (f"GeoLoRA r={r}{name}, {sched}", "geolora", {"r": r, **rule, **decay})
+            for r in ((4,) if smoke else starts)
+        ]
     fixed = {"r": 16, "freeze_ranks_after": 0, "shrinkage": 0.0}
     rows.append(("GeoLoRA fixed r=16", "geolora", fixed))
     rows += [
@@ -83,13 +92,13 @@ def specs(budget_rank: int, n_modules: int, smoke: bool) -> list[tuple[str, str,
     ]
     lora16 = {"r": 16, "lora_alpha": 32.0, "lr": LORA_LR, **warm}
     rows.append((f"LoRA r=16, warm-up {warm['lr_warmup']}", "lora", lora16))
-    rows.append(
-        (
-            f"AdaLoRA 32→{target_r}",
-            "adalora",
-            {"init_r": 32, "target_r": target_r, "lora_alpha": 64.0, "lr": ADALORA_LR},
-        )
-    )
+    rows += [
+        (f"LoRA r={r}, {sched}", "lora", {"r": r, "lora_alpha": 2.0 * r, "lr": LORA_LR, **decay})
+        for r in ((4,) if smoke else (8, 16))
+    ]
+    adalora = {"init_r": 32, "target_r": target_r, "lora_alpha": 64.0, "lr": ADALORA_LR}
+    rows.append((f"AdaLoRA 32→{target_r}", "adalora", adalora))
+    rows.append((f"AdaLoRA 32→{target_r}, {sched}", "adalora", {**adalora, **decay}))
     rows.append(
         ("LoRA r=32", "lora", {"r": 32, "lora_alpha": 64.0, "lr": LORA_LR, "truncate": True})
     )
@@ -170,12 +179,12 @@ def fit(method: str, hyper: dict[str, Any], setup: planted.PlantedSetup, out) ->
         torch.set_num_threads(minilm.THREADS)
         d = planted.data(setup)
         torch.manual_seed(0)
-        extras = ("truncate", "lr_warmup", "track_movement", "second_moment")
+        extras = ("truncate", "track_movement", "second_moment", *common.SCHEDULE_OPTIONS)
         fit_hyper = {k: v for k, v in hyper.items() if k not in extras}
         prep = prepare(method, fit_hyper, planted.student(), setup.steps, heads=[])
         if hyper.get("second_moment"):  # LoRA with another Adam granularity (factor_adam.py)
             prep.optimizer = factor_adam.for_lora(prep.model, hyper["second_moment"], hyper["lr"])
-        common.warm_up_as_asked(prep.optimizer, hyper)
+        common.schedule_lr_as_asked(prep.optimizer, hyper, setup.steps)
         pretrained = {
             n: m.weight.detach().norm()
             for n, m in planted.adapted_modules(planted.student()).items()
@@ -191,7 +200,9 @@ def fit(method: str, hyper: dict[str, Any], setup: planted.PlantedSetup, out) ->
                 n: float(delta.norm() / pretrained[n]) for n, delta in delta_weights(prep).items()
             },
             **trained,
-            "lr": prep.optimizer.param_groups[0]["lr"],
+            "lr": prep.optimizer.param_groups[0].get(
+                "initial_lr", prep.optimizer.param_groups[0]["lr"]
+            ),
             "relative_loss": planted.relative_loss(prep.model, setup),
             "ranks": _found_ranks(prep),
             "adapter_params": counts.get("adapter_params", counts["trainable_params"]),
@@ -284,7 +295,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"Student: pretrained model + adapters on the same maps, masked MSE on last hidden states, "
         f"{setup.n_train} train / {setup.n_eval} held-out Rotten Tomatoes sentences, max_length "
         f"{setup.max_length}, batch {setup.batch_size}, {setup.steps} steps, constant lr "
-        "(rows with a warm-up: rising linearly over its steps), seed 0, "
+        "(rows with a warm-up: rising linearly over its steps; with a decay: then falling "
+        "linearly to 0 at the last step, the schedule of `geolora finetune`; lr = the peak), "
+        "seed 0, "
         f"{minilm.THREADS} CPU thread. Loss = held-out MSE / MSE of the pretrained model. "
         f"LoRA ranks found = numerical rank of ΔW at τ={NUMERICAL_TAU} (see the script).",
         "",

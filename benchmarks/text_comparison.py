@@ -8,6 +8,10 @@ the end (GeoLoRA's at its final ranks, AdaLoRA's unmasked triplets), classifier 
 ``head`` (the classifier alone) shows how much of the accuracy the encoder adaptation adds.
 
 Targets (issue 9): GeoLoRA ≥ LoRA r=8 + 0.5 pt and ≥ AdaLoRA, at ≤ LoRA r=8's final parameters.
+
+Every run has a constant lr; ``--warmup N`` and ``--decay`` give every method the same schedule
+instead (``--warmup 50 --decay`` is ``geolora finetune``'s default: a 10 % warm-up, then a linear
+decay to 0; :func:`common.schedule_lr_as_asked`).
 """
 
 from __future__ import annotations
@@ -35,16 +39,18 @@ def hyper_of(method: str) -> dict[str, Any]:
     return {"r": geolora_defaults()["r"]} if method == "geolora" else {}
 
 
-def compare(method: str, setup: minilm.Setup, out, smoke: bool) -> dict[str, Any]:
-    """The lr sweep at seed 0, then the best lr at every seed."""
+def compare(
+    method: str, setup: minilm.Setup, out, smoke: bool, schedule: dict[str, Any]
+) -> dict[str, Any]:
+    """The lr sweep at seed 0, then the best lr at every seed, all under the lr ``schedule``
+    (run options of :func:`common.schedule_lr_as_asked`)."""
     grid = GRIDS[method][:1] if smoke else GRIDS[method]
     if method == "geolora" and not smoke:
         grid = tuple(sorted({*grid, geolora_defaults()["lr"]}))
-    lr, sweep = common.best_lr(method, hyper_of(method), grid, setup, out)
+    hyper = {**hyper_of(method), **schedule}
+    lr, sweep = common.best_lr(method, hyper, grid, setup, out)
     seeds = SEEDS[:2] if smoke else SEEDS
-    runs = [
-        common.run(method, {**hyper_of(method), "lr": lr, "seed": s}, setup, out) for s in seeds
-    ]
+    runs = [common.run(method, {**hyper, "lr": lr, "seed": s}, setup, out) for s in seeds]
     return {"lr": lr, "sweep": sweep, "runs": runs}
 
 
@@ -53,16 +59,16 @@ def _mean(values: list[float]) -> float:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    args = common.parse_args(__doc__.splitlines()[0], argv, methods=tuple(GRIDS))
+    args = common.parse_args(__doc__.splitlines()[0], argv, methods=tuple(GRIDS), schedule=True)
     setup = minilm.REAL_TASK_SMOKE if args.smoke else minilm.REAL_TASK
     results = {}
     for method in args.methods:
         print(f"{method} ...", flush=True)
-        results[method] = compare(method, setup, args.out, args.smoke)
+        results[method] = compare(method, setup, args.out, args.smoke, args.schedule)
     majority = float(minilm.features(setup)["test"]["labels"].float().mean())
     majority = max(majority, 1 - majority)
     lines = [
-        common.setup_note(setup),
+        common.setup_note(setup, args.schedule),
         "",
         f"Always answering the majority class scores {100 * majority:.1f} % on the test set. "
         "GeoLoRA runs with the library's defaults (initial rank, r_max, τ, scale, base rule); "

