@@ -323,6 +323,8 @@ def parse_args(
                     "--out",
                     str(value.relative_to(root) if value.is_relative_to(root) else value),
                 ]
+        elif value != action.default and action.nargs == 0:  # a flag such as --decay
+            extras.append(action.option_strings[0])
         elif value != action.default:
             values = value if isinstance(value, list) else [value]
             extras += [action.option_strings[0], *(shlex.quote(str(v)) for v in values)]

@@ -286,6 +286,10 @@ def test_command_names_the_options_that_differ_from_the_defaults(tmp_path):
     inside = common.parse_args("x", ["--out", str(common.RESULTS / "before")])
     assert inside.extras == "--out benchmarks/results/before"
     assert common.parse_args("x", [], ("geolora", "lora")).extras == ""
+    timed = common.parse_args("x", ["--warmup", "50", "--decay"], schedule=True)
+    assert timed.extras == "--warmup 50 --decay"  # a flag is named, not given a value
+    assert timed.schedule == {"lr_warmup": 50, "lr_decay": True}
+    assert common.parse_args("x", [], schedule=True).schedule == {}
 
 
 def test_planted_normalisers_swaps_lora_optimizer(smoke_out):
