@@ -43,9 +43,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         common.setup_note(setup, args.schedule),
         "",
         f"GeoLoRA with the library's defaults ({'peak ' if args.schedule else ''}lr {lr:g}), "
-        "only the initial rank r "
-        "changes; seed 0. Per-layer rank = sum over the layer's "
-        "six adapted maps (layer 0 first).",
+        "only the initial rank r changes; seed 0. Per-layer rank = sum over the layer's six "
+        "adapted maps (layer 0 first).",
         "",
         "| initial r | final total rank | per-layer ranks | adapter params | test acc (%) "
         "| val acc (%) | final train loss | s / run |",

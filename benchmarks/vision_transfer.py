@@ -75,7 +75,8 @@ def run(args: argparse.Namespace, vision) -> dict:
     base, pretrain = vision.pretrain(args.pretrained_dir, fashion_dir, epochs, limit=limit)
     data = vision.load_mnist_5k(seed=0)
     geolora = {} if args.tau is None else {"tau": args.tau}  # otherwise the library's defaults
-    common = dict(steps=args.steps, batch_size=args.batch_size, geolora=geolora, warmup=args.warmup)
+    schedule = dict(steps=args.steps, batch_size=args.batch_size, warmup=args.warmup)
+    common = dict(schedule, geolora=geolora)
     sweep, final = [], {}
     for method in vision.METHODS:
         runs = [
@@ -87,7 +88,6 @@ def run(args: argparse.Namespace, vision) -> dict:
         best = best_lr(runs)
         final[method] = [r for r in runs if r["lr"] == best]
         print(f"{method}: lr {best:g}, test {[r['test_acc'] for r in final[method]]}")
-    schedule = dict(steps=args.steps, batch_size=args.batch_size, warmup=args.warmup)
     return dict(pretrain=pretrain, sweep=sweep, final=final, **schedule)
 
 

@@ -108,6 +108,23 @@ def test_methods_train_the_right_parameters(vision):
         torch.testing.assert_close(value, before[key])
 
 
+def test_adaptation_warms_up_then_decays_the_lr(vision, monkeypatch):
+    """``adapt(warmup=)`` reaches the schedule ``min(1, (t+1)/w) · (1 − t/T)``."""
+    seen: list[float] = []
+    real = vision.train
+
+    def spy(model, optimizer, *args, **kwargs):
+        optimizer.register_step_pre_hook(lambda opt, *_: seen.append(opt.param_groups[0]["lr"]))
+        return real(model, optimizer, *args, **kwargs)
+
+    monkeypatch.setattr(vision, "train", spy)
+    torch.manual_seed(0)
+    data = {"train": _split(32, 1), "val": _split(8, 2), "test": _split(8, 3)}
+    res = vision.adapt("head", vision.build_vit(**TINY), data, 0.1, steps=4, batch_size=8, warmup=2)
+    assert seen == pytest.approx([0.05, 0.075, 0.05, 0.025])
+    assert res["warmup"] == 2
+
+
 def test_training_lowers_the_loss(vision):
     torch.manual_seed(0)
     model = vision.build_vit(**TINY)
