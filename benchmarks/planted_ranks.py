@@ -14,6 +14,8 @@ last hidden states (:mod:`planted`). Methods, each run once (seed 0):
   beside LoRA r = 8 / 16 and AdaLoRA under the same schedule;
 * GeoLoRA at a fixed rank 16 (``freeze_ranks_after=0``, no shrinkage): the integrator and base
   rule without any rank decision, to tell a loss gap of the optimizer from one of the ranks;
+* an lr sweep (1e-3 / 2e-3 / 3e-3) under the warm-up: the features rule with its rank rule, with
+  an exact budget of the planted parameters and at a fixed rank 8, the default rule, and LoRA r=8;
 * peft LoRA r = 4 / 8 / 16 (``lora_alpha = 2r``, AdamW);
 * peft AdaLoRA from ``init_r = 32`` to ``target_r = ⌊planted total rank / 36⌋`` (its budget is
   ``target_r`` per module on average, the largest one within the planted total);
@@ -32,11 +34,11 @@ planted ranks ≤ 5).
 from __future__ import annotations
 
 import dataclasses
-import tempfile
 from typing import Any
 
 import common
 import factor_adam
+import lora_truncation
 import minilm
 import planted
 import torch
@@ -48,8 +50,11 @@ ADALORA_LR = 3e-3  # AdaLoRA needs 2.5-5x LoRA's lr (issue 9)
 NUMERICAL_TAU = 0.1
 
 
-def specs(budget_rank: int, n_modules: int, smoke: bool) -> list[tuple[str, str, dict[str, Any]]]:
-    """(label, method, hyper) of every run; GeoLoRA gets no lr (the optimizer's default)."""
+def specs(
+    budget_rank: int, n_modules: int, budget_params: int, smoke: bool
+) -> list[tuple[str, str, dict[str, Any]]]:
+    """(label, method, hyper) of every run; GeoLoRA gets no lr (the optimizer's default) outside
+    the lr sweep (:func:`_lr_sweep`)."""
     target_r = budget_rank // n_modules
     starts = (1, 16) if smoke else (1, 4, 16)
     rows = [(f"GeoLoRA r={r}", "geolora", {"r": r}) for r in starts]
@@ -86,6 +91,7 @@ def specs(budget_rank: int, n_modules: int, smoke: bool) -> list[tuple[str, str,
         ]
     fixed = {"r": 16, "freeze_ranks_after": 0, "shrinkage": 0.0}
     rows.append(("GeoLoRA fixed r=16", "geolora", fixed))
+    rows += _lr_sweep(warm, budget_params, smoke)
     rows += [
         (f"LoRA r={r}", "lora", {"r": r, "lora_alpha": 2.0 * r, "lr": LORA_LR})
         for r in ((4,) if smoke else (4, 8, 16))
@@ -105,54 +111,38 @@ def specs(budget_rank: int, n_modules: int, smoke: bool) -> list[tuple[str, str,
     return rows
 
 
+def _lr_sweep(
+    warm: dict[str, Any], budget_params: int, smoke: bool
+) -> list[tuple[str, str, dict[str, Any]]]:
+    """GeoLoRA's lr on this task, under the warm-up (the first steps overshoot without one),
+    with the features rule (the best fitter) three ways: its rank rule from r = 1 / 4 / 16, an
+    exact budget of the planted parameters from r = 8 (``budget``, ``budget_unit="params"``) and
+    a fixed rank 8 (LoRA r=8's size); beside the default rule from r = 4 and LoRA r = 8 under the
+    same warm-up. lr 1e-3 is the optimizer's default (not passed)."""
+    tag = f"warm-up {warm['lr_warmup']}"
+    feat = {"base_rule": "riemannian_adam_features", **warm}
+    per_param = {"budget_unit": "params"}
+    ways = {
+        "r={r}, features": [{"r": r, **feat} for r in ((4,) if smoke else (1, 4, 16))],
+        "r=8, features, budget": [{"r": 8, **feat, "budget": budget_params, **per_param}],
+        "fixed r=8, features": [{"r": 8, **feat, "freeze_ranks_after": 0, "shrinkage": 0.0}],
+        "r=4": [{"r": 4, **warm}],
+    }
+    rows = []
+    for lr in (2e-3,) if smoke else (1e-3, 2e-3, 3e-3):
+        for way, hypers in ways.items():
+            for h in hypers:
+                name = f"GeoLoRA {way.format(r=h['r'])}, {tag}, lr {lr:g}"
+                rows.append((name, "geolora", {**h, **({"lr": lr} if lr != 1e-3 else {})}))
+        lora8 = {"r": 8, "lora_alpha": 16.0, "lr": lr, **warm}
+        rows.append((f"LoRA r=8, {tag}, lr {lr:g}", "lora", lora8))
+    return rows
+
+
 def _found_ranks(prep: Prepared) -> dict[str, int]:
     if prep.method in ("geolora", "adalora"):
         return parameter_counts(prep)["ranks"]
     return {n: planted.numerical_rank(d, NUMERICAL_TAU) for n, d in delta_weights(prep).items()}
-
-
-def _converted(prep: Prepared, rank: float, setup: planted.PlantedSetup) -> dict[str, Any]:
-    """``save_as_lora(rank)`` of the trained model, loaded back onto a fresh pretrained student
-    with ``PeftModel.from_pretrained``: its held-out loss, ranks and parameters."""
-    from peft import PeftModel
-    from peft.tuners.lora.conversion import save_as_lora
-
-    with tempfile.TemporaryDirectory() as path:
-        save_as_lora(path, prep.model, rank=rank)
-        model = PeftModel.from_pretrained(planted.student(), path).eval()
-    ranks, params = {}, 0
-    for name, module in model.named_modules():
-        a = getattr(module, "lora_A", None)
-        if isinstance(a, torch.nn.ModuleDict) and "default" in a:
-            k = a["default"].weight.shape[0]
-            ranks[name.removeprefix("base_model.model.")] = k
-            params += k * (module.in_features + module.out_features)
-    return {
-        "relative_loss": planted.relative_loss(model, setup),
-        "ranks": ranks,
-        "total_rank": sum(ranks.values()),
-        "adapter_params": params,
-        "rank_argument": rank,
-    }
-
-
-def _truncations(prep: Prepared, budget: int, n_modules: int, setup) -> dict[str, Any]:
-    """Energy threshold (bisection: the largest threshold whose total rank ≤ ``budget``) and a
-    uniform rank ``budget // n_modules``, each through peft's conversion."""
-    from peft.tuners.lora.conversion import convert_to_lora
-
-    def total(threshold: float) -> int:
-        _, state = convert_to_lora(prep.model, rank=threshold)
-        return sum(v.shape[0] for k, v in state.items() if k.endswith("lora_A.weight"))
-
-    low, high = 1e-6, 1.0  # total(low) is the smallest possible (one per module)
-    for _ in range(20):
-        mid = (low + high) / 2
-        low, high = (mid, high) if total(mid) <= budget else (low, mid)
-    return {
-        "energy": _converted(prep, low, setup),
-        "uniform": _converted(prep, budget // n_modules, setup),
-    }
 
 
 def _track_movement(prep: Prepared, pretrained: dict[str, torch.Tensor]) -> list[float]:
@@ -178,8 +168,9 @@ def fit(method: str, hyper: dict[str, Any], setup: planted.PlantedSetup, out) ->
     def compute() -> dict[str, Any]:
         torch.set_num_threads(minilm.THREADS)
         d = planted.data(setup)
-        torch.manual_seed(0)
-        extras = ("truncate", "track_movement", "second_moment", *common.SCHEDULE_OPTIONS)
+        seed = hyper.get("seed", 0)
+        torch.manual_seed(seed)
+        extras = ("truncate", "track_movement", "second_moment", "seed", *common.SCHEDULE_OPTIONS)
         fit_hyper = {k: v for k, v in hyper.items() if k not in extras}
         prep = prepare(method, fit_hyper, planted.student(), setup.steps, heads=[])
         if hyper.get("second_moment"):  # LoRA with another Adam granularity (factor_adam.py)
@@ -192,7 +183,7 @@ def fit(method: str, hyper: dict[str, Any], setup: planted.PlantedSetup, out) ->
         movement = _track_movement(prep, pretrained) if hyper.get("track_movement") else None
         prep.reported_loss = planted.regression_loss
         prep.model.eval()  # no dropout: a clean regression
-        trained = common.train(prep, d["train"], setup.steps, setup.batch_size, seed=0)
+        trained = common.train(prep, d["train"], setup.steps, setup.batch_size, seed=seed)
         counts = parameter_counts(prep)
         result = {
             **({"step_movement": movement} if movement is not None else {}),
@@ -209,8 +200,9 @@ def fit(method: str, hyper: dict[str, Any], setup: planted.PlantedSetup, out) ->
             "trainable_params": counts["trainable_params"],
         }
         if hyper.get("truncate"):
-            budget = sum(d["planted"].values())
-            result["truncated"] = _truncations(prep, budget, len(d["planted"]), setup)
+            plan = d["planted"]
+            budget = sum(plan.values())
+            result["truncated"] = lora_truncation.truncations(prep, budget, len(plan), setup)
         return result
 
     return common.cached(method, hyper, setup, out, compute)
@@ -255,10 +247,45 @@ def summarize(label: str, res: dict[str, Any], planted_ranks: dict[str, int]) ->
     }
 
 
+def seed_means(rows: list[dict[str, Any]], n_modules: int) -> list[str]:
+    """A table of each run's mean ± std (n−1) over its seeds: loss, size, recovered modules."""
+    runs: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        runs.setdefault(row["run"], []).append(row)
+
+    def mean_std(values: list[float], spec: str) -> str:
+        t = torch.tensor(values, dtype=torch.float64)
+        std = float(t.std()) if len(values) > 1 else 0.0
+        return f"{float(t.mean()):{spec}} ± {std:{spec}}"
+
+    lines = [
+        "Mean ± std over the seeds (n−1):",
+        "",
+        "| method | seeds | adapter params | total rank | rel. loss | recovered (of "
+        f"{n_modules}) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for run, group in runs.items():
+        cells = [
+            mean_std([r[key] for r in group], spec)
+            for key, spec in (
+                ("adapter_params", ",.0f"),
+                ("total_rank", ".0f"),
+                ("relative_loss", ".4f"),
+                ("recovered", ".1f"),
+            )
+        ]
+        lines.append(f"| {run} | {len(group)} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     def options(parser) -> None:
         parser.add_argument("--steps", type=int, default=None, help="training steps per run")
         parser.add_argument("--only", nargs="+", default=None, help="run only these labels")
+        parser.add_argument(
+            "--seeds", nargs="+", type=int, default=[0], help="each run once per training seed"
+        )
 
     args = common.parse_args(
         __doc__.splitlines()[0], argv, methods=("geolora", "lora", "adalora"), add_options=options
@@ -272,15 +299,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     shapes = {n: m.weight.shape for n, m in planted.adapted_modules(planted.student()).items()}
     budget_params = sum(k * sum(shapes[n]) for n, k in plan.items())
     rows = []
-    for label, method, hyper in specs(budget, len(plan), args.smoke):
+    for label, method, hyper in specs(budget, len(plan), budget_params, args.smoke):
         if method not in args.methods or (args.only and label not in args.only):
             continue
-        print(f"{label} ...", flush=True)
-        res = fit(method, hyper, setup, args.out)
-        rows.append(summarize(label, res, plan))
-        for kind, trunc in res.get("truncated", {}).items():
-            name = f"{label} → SVD, {kind} (rank arg {trunc['rank_argument']:.4g})"
-            rows.append(summarize(name, {**trunc, "lr": res["lr"]}, plan))
+        for seed in args.seeds:
+            tag = f", seed {seed}" if len(args.seeds) > 1 else ""
+            print(f"{label}{tag} ...", flush=True)
+            res = fit(method, {**hyper, **({"seed": seed} if seed else {})}, setup, args.out)
+            rows.append({**summarize(label + tag, res, plan), "run": label, "seed": seed})
+            for kind, trunc in res.get("truncated", {}).items():
+                name = f"{label} → SVD, {kind}"
+                row = summarize(f"{name} (rank arg {trunc['rank_argument']:.4g}){tag}", trunc, plan)
+                rows.append({**row, "lr": res["lr"], "run": name, "seed": seed})
     n = len(plan)
     t = d["teacher"]
     lines = [
@@ -297,8 +327,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"{setup.max_length}, batch {setup.batch_size}, {setup.steps} steps, constant lr "
         "(rows with a warm-up: rising linearly over its steps; with a decay: then falling "
         "linearly to 0 at the last step, the schedule of `geolora finetune`; lr = the peak), "
-        "seed 0, "
-        f"{minilm.THREADS} CPU thread. Loss = held-out MSE / MSE of the pretrained model. "
+        f"training seed {' / '.join(map(str, args.seeds))} (batch order and initialisation; the "
+        f"teacher's seed is fixed), {minilm.THREADS} CPU thread. "
+        "Loss = held-out MSE / MSE of the pretrained model. "
         f"LoRA ranks found = numerical rank of ΔW at τ={NUMERICAL_TAU} (see the script).",
         "",
         "| method | lr | adapter params | total rank | rel. loss | recovered (of "
@@ -311,6 +342,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             f"| {r['label']} | {r['lr']:g} | {r['adapter_params']:,} | {r['total_rank']} | "
             f"{r['relative_loss']:.4f} | {r['recovered']} | {means} |"
         )
+    if len(args.seeds) > 1:
+        lines += ["", *seed_means(rows, n)]
     lines += [
         "",
         "Rank found per module (layer.map; ffn1 = intermediate, ffn2 = output):",

@@ -235,6 +235,22 @@ def test_planted_table_truncates_within_the_budget_and_lists_every_module(smoke_
     fixed = next(r for r in data["rows"] if r["label"] == "GeoLoRA fixed r=16")
     assert set(fixed["ranks"].values()) == {16}  # no rank decision at all
     assert any("global τ" in r["label"] for r in data["rows"])
+    budgeted = [r for r in data["rows"] if ", budget," in r["label"]]
+    assert budgeted and all(r["adapter_params"] <= data["planted_params"] for r in budgeted)
+
+
+def test_planted_table_runs_each_row_per_seed_and_averages_them(tmp_path):
+    import planted_ranks
+
+    argv = ["--smoke", "--out", str(tmp_path), "--seeds", "0", "1", "--only", "LoRA r=4"]
+    rows = planted_ranks.main(argv)["rows"]
+    assert [(r["run"], r["seed"]) for r in rows] == [("LoRA r=4", 0), ("LoRA r=4", 1)]
+    assert rows[0]["relative_loss"] != rows[1]["relative_loss"]  # another init and batch order
+    losses = torch.tensor([r["relative_loss"] for r in rows], dtype=torch.float64)
+    md = (tmp_path / "planted_ranks.md").read_text()
+    means = next(line for line in md.splitlines() if line.startswith("| LoRA r=4 | 2 |"))
+    assert f"| {rows[0]['adapter_params']:,} ± 0 |" in means  # the same size on both seeds
+    assert f"| {float(losses.mean()):.4f} ± {float(losses.std()):.4f} |" in means
 
 
 def test_real_task_tables_adapt_all_six_layers(smoke_out):
