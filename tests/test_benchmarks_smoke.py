@@ -17,6 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import common  # noqa: E402
 import methods  # noqa: E402
 import minilm  # noqa: E402
+import paired  # noqa: E402
 import run_all  # noqa: E402
 import vision_transfer  # noqa: E402
 
@@ -127,6 +128,41 @@ def test_vision_lr_is_chosen_on_the_mean_over_seeds_not_on_seed_0():
     runs = [dict(lr=lr, seed=s, val_acc=v) for lr, accs in vals.items() for s, v in enumerate(accs)]
     assert vision_transfer.mean_val_by_lr(runs)[1e-2] == pytest.approx(2.3 / 3)
     assert vision_transfer.best_lr(runs) == 3e-2  # seed 0 alone would pick 1e-2; ties: smaller
+
+
+def test_vision_budget_row_holds_geolora_to_lora_r8s_adapter_size():
+    vision = vision_transfer.load_example()
+    base = vision.build_vit()
+    # 4 layers × (q, k, v: 64 × 64; fc1, fc2: 64 ↔ 128) at r = 8
+    assert vision_transfer.lora_adapter_params(base, vision.TARGETS) == 4 * 8 * (3 * 128 + 2 * 192)
+    rows = vision_transfer.rows(vision, base, {"tau": 0.2})
+    assert list(rows)[: len(vision.METHODS)] == list(vision.METHODS)
+    assert rows["geolora"] == ("geolora", {"tau": 0.2})
+    assert rows["geolora_budget"] == (
+        "geolora",
+        {"tau": 0.2, "budget": 24_576, "budget_unit": "params"},
+    )
+
+
+def test_vision_verdicts_pair_the_seeds():
+    def runs(accs, params):
+        return [dict(seed=s, test_acc=a, trainable_params=params) for s, a in enumerate(accs)]
+
+    final = {
+        "geolora": runs([0.90, 0.91, 0.92], 15_000),
+        "geolora_budget": runs([0.88, 0.89, 0.93], 30_000),
+        "lora": runs([0.89, 0.90, 0.91], 25_000),
+        "adalora": runs([0.88, 0.89, 0.90], 24_000),
+    }
+    names = {"geolora": "G", "geolora_budget": "GB"}
+    lines = vision_transfer.target_lines(final, names)
+    assert len(lines) == 4
+    assert lines[0].startswith("- G − LoRA r=8: +1.00 pt paired over 3 seed(s)")
+    assert (
+        "at 0.60× LoRA r=8's parameters" in lines[0] and "met; the interval lies above" in lines[0]
+    )
+    assert lines[1].startswith("- G − AdaLoRA: +2.00 pt")
+    assert "1.20×" in lines[2] and "missed" in lines[2]  # larger than LoRA r=8
 
 
 def test_bad_method_and_missing_lr_are_refused():
@@ -261,27 +297,66 @@ def test_real_task_tables_adapt_all_six_layers(smoke_out):
         layers = init_rank.per_layer(run["ranks"])
         assert len(layers) == 6 and sum(layers) == run["total_rank"]
     summary = json.loads((smoke_out / "text_comparison.json").read_text())["summary"]
-    assert set(summary) == {"geolora", "lora", "adalora", "head"}
+    assert set(summary) == {"geolora", "geolora_budget", "lora", "adalora", "head"}
     assert summary["head"]["params"] == 2 * 384 + 2
     assert all(len(s["test_accs"]) == 2 for s in summary.values())
+    assert all(set(s["test_acc_by_seed"]) == {"0", "1"} for s in summary.values())
+    # the budget row holds GeoLoRA to LoRA r=8's adapter parameters (plus the head)
+    assert summary["geolora_budget"]["params"] <= summary["lora"]["params"]
 
 
-def test_comparison_verdicts_need_accuracy_and_size():
+def test_budget_row_is_lora_r8s_adapter_size():
     import text_comparison
 
-    def summary(geo_acc, geo_params):
+    # 6 layers × (4 maps of 384 × 384 and 2 of 384 × 1536) at r = 8
+    assert text_comparison.lora_adapter_params(6) == 6 * 8 * (4 * 768 + 2 * 1920)
+    method, hyper = text_comparison.method_and_hyper("geolora_budget", minilm.REAL_TASK)
+    assert method == "geolora" and hyper["budget_unit"] == "params"
+    assert hyper["budget"] == 331_776
+
+
+def test_comparison_verdicts_pair_the_seeds_and_need_size():
+    import text_comparison
+
+    def row(accs, params):
+        return {"params": params, "test_acc_by_seed": dict(enumerate(accs))}
+
+    def summary(geo_accs, geo_params=900):
         return {
-            "geolora": {"mean_acc": geo_acc, "params": geo_params, "std_acc": 0.01},
-            "lora": {"mean_acc": 0.80, "params": 1000, "std_acc": 0.01},
-            "adalora": {"mean_acc": 0.805, "params": 1100, "std_acc": 0.01},
+            "geolora": row(geo_accs, geo_params),
+            "lora": row([0.80, 0.79, 0.81], 1000),
+            "adalora": row([0.795, 0.785, 0.805], 1100),
         }
 
-    met = text_comparison.verdicts(summary(0.81, 900))
-    assert "met" in met[0] and "met" in met[1]
-    assert all("missed" in line for line in text_comparison.verdicts(summary(0.81, 1200))[:2])
-    assert "missed" in text_comparison.verdicts(summary(0.803, 900))[0]
-    assert "within seed noise" in text_comparison.verdicts(summary(0.805, 900))[0]
-    assert "noise" not in text_comparison.verdicts(summary(0.83, 900))[0]
+    # +1 pt on every seed: met and confirmed against both
+    lora_line, ada_line = text_comparison.verdicts(summary([0.81, 0.80, 0.82]))
+    assert "+1.00 pt paired over 3 seed(s)" in lora_line
+    assert "met; the interval lies above +0.5: confirmed" in lora_line
+    assert "met; the interval lies above +0: confirmed" in ada_line
+    # the same accuracy at a larger size misses
+    assert all(
+        "missed" in line for line in text_comparison.verdicts(summary([0.81, 0.80, 0.82], 1200))
+    )
+    # a mean gap above +0.5 pt whose seeds disagree: met by the mean, within seed noise
+    noisy = text_comparison.verdicts(summary([0.825, 0.78, 0.811]))[0]
+    assert "+0.53 pt" in noisy and "met; the interval contains +0.5: within seed noise" in noisy
+    # −1 pt on every seed: missed beyond noise
+    worse = text_comparison.verdicts(summary([0.79, 0.78, 0.80]))[0]
+    assert "missed; the interval lies below +0.5: missed beyond seed noise" in worse
+    # seeds that only one method ran are left out of the pairing
+    extra = summary([0.81, 0.80, 0.82])
+    extra["geolora"]["test_acc_by_seed"][7] = 0.0
+    assert "+1.00 pt paired over 3 seed(s)" in text_comparison.verdicts(extra)[0]
+
+
+def test_paired_difference_interval():
+    diff = paired.paired_difference({0: 0.80, 1: 0.82, 2: 0.84}, {0: 0.79, 1: 0.80, 2: 0.81})
+    assert diff["diffs"] == pytest.approx([1.0, 2.0, 3.0])
+    assert diff["mean"] == pytest.approx(2.0) and diff["std"] == pytest.approx(1.0)
+    half = 4.302652729911275 / 3**0.5  # t_{0.975, 2} · std / √n
+    assert (diff["low"], diff["high"]) == pytest.approx((2.0 - half, 2.0 + half))
+    single = paired.paired_difference({0: 0.8}, {0: 0.7, 1: 0.7})
+    assert single["mean"] == pytest.approx(10.0) and single["low"] is None
 
 
 def test_command_names_the_options_that_differ_from_the_defaults(tmp_path):

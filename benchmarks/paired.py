@@ -1,0 +1,64 @@
+"""Seed-paired accuracy differences and the issue-9 verdicts built on them (text and vision).
+
+Every method of a table trains with the same seeds, and a seed fixes the batch order and the
+head's initialisation for all of them, so two methods are compared seed by seed: the mean of the
+per-seed differences and its Student-t interval say how much of a gap the seeds can confirm.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+LEVEL = 0.95
+
+
+def paired_difference(
+    a: dict[int, float], b: dict[int, float], level: float = LEVEL
+) -> dict[str, Any]:
+    """Accuracy ``a`` minus ``b`` in points, seed by seed over the seeds both ran: the
+    differences, their mean, std (n−1) and the Student-t interval of the mean at ``level``,
+    ``mean ± t_{(1+level)/2, n−1} · std / √n`` (``low``/``high`` are ``None`` below two seeds,
+    ``mean`` with no common seed)."""
+    from scipy import stats
+
+    seeds = sorted(set(a) & set(b))
+    diffs = [100 * (a[s] - b[s]) for s in seeds]
+    out: dict[str, Any] = {"seeds": seeds, "diffs": diffs, "mean": None, "std": None}
+    out.update(low=None, high=None, level=level)
+    if not diffs:
+        return out
+    t = torch.tensor(diffs, dtype=torch.float64)
+    out["mean"] = float(t.mean())
+    if len(diffs) > 1:
+        out["std"] = float(t.std())
+        quantile = float(stats.t.ppf((1 + level) / 2, len(diffs) - 1))
+        half = quantile * out["std"] / len(diffs) ** 0.5
+        out["low"], out["high"] = out["mean"] - half, out["mean"] + half
+    return out
+
+
+def verdict(name: str, other: str, diff: dict[str, Any], target: float, size_ratio: float) -> str:
+    """One line: ``name − other`` from :func:`paired_difference`, at ``size_ratio`` × LoRA r=8's
+    parameters, against a target gap of ``target`` points at ≤ 1× (met by the mean; the interval
+    says whether the seeds confirm it)."""
+    met = diff["mean"] >= target and size_ratio <= 1
+    if diff["low"] is None:
+        seeds_say = "one seed: no interval"
+    elif diff["low"] > target:
+        seeds_say = f"the interval lies above +{target:g}: confirmed by the seeds"
+    elif diff["high"] < target:
+        seeds_say = f"the interval lies below +{target:g}: missed beyond seed noise"
+    else:
+        seeds_say = f"the interval contains +{target:g}: within seed noise"
+    interval = (
+        f", {100 * diff['level']:g} % interval {diff['low']:+.2f} … {diff['high']:+.2f}"
+        if diff["low"] is not None
+        else ""
+    )
+    return (
+        f"- {name} − {other}: {diff['mean']:+.2f} pt paired over {len(diff['seeds'])} "
+        f"seed(s){interval}, at {size_ratio:.2f}× LoRA r=8's parameters (target "
+        f"≥ +{target:g} pt at ≤ 1×: {'met' if met else 'missed'}; {seeds_say})."
+    )
