@@ -12,6 +12,9 @@ from typing import Any
 import torch
 
 LEVEL = 0.95
+ACCURACY_TARGETS = (("lora", "LoRA r=8", 0.5), ("adalora", "AdaLoRA", 0.0))
+"""Issue 9's accuracy targets, each at ≤ LoRA r=8's parameters: (baseline method, its name, the
+gap in points GeoLoRA must reach)."""
 
 
 def paired_difference(

@@ -166,7 +166,7 @@ def verdicts(summary: dict[str, dict[str, Any]]) -> list[str]:
         geo = summary.get(row)
         if geo is None:
             continue
-        for other, name, target in (("lora", "LoRA r=8", 0.5), ("adalora", "AdaLoRA", 0.0)):
+        for other, name, target in paired.ACCURACY_TARGETS:
             if other in summary:
                 diff = paired.paired_difference(
                     geo["test_acc_by_seed"], summary[other]["test_acc_by_seed"]

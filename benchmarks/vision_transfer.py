@@ -222,7 +222,7 @@ def target_lines(final: dict, names: dict[str, str]) -> list[str]:
             continue
         ratio = statistics.mean(r["trainable_params"] for r in final[row]) / lora_params
         accs = {r["seed"]: r["test_acc"] for r in final[row]}
-        for other, need, label in (("lora", 0.5, "LoRA r=8"), ("adalora", 0.0, "AdaLoRA")):
+        for other, label, need in paired.ACCURACY_TARGETS:
             diff = paired.paired_difference(accs, {r["seed"]: r["test_acc"] for r in final[other]})
             lines.append(paired.verdict(names[row], label, diff, need, ratio))
     return lines
