@@ -14,7 +14,7 @@ Targets (issue 9): GeoLoRA ≥ LoRA r=8 + 0.5 pt and ≥ AdaLoRA, at ≤ LoRA r=
 The verdicts compare the methods seed by seed (a seed fixes the batch order and the head's
 initialisation for every method) and give the 95 % Student-t interval of the mean difference
 (:func:`paired.paired_difference`): a target is met by the mean, and confirmed by the seeds only
-where the interval lies on the target's side of 0.
+where the whole interval lies above it.
 
 Every run has a constant lr; ``--warmup N`` and ``--decay`` give every method the same schedule
 instead (``--warmup 50 --decay`` is ``geolora finetune``'s default: a 10 % warm-up, then a linear
