@@ -16,6 +16,7 @@ import hashlib
 import json
 import math
 import shlex
+import statistics
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -211,13 +212,32 @@ def best_lr(
     grid: tuple[float, ...],
     setup: Setup = FULL,
     results_dir: Path = RESULTS,
+    seeds: tuple[int, ...] = (0,),
 ) -> tuple[float, list[dict[str, Any]]]:
-    """Run ``method`` at every lr of ``grid`` (seed 0) and return the lr with the best
-    validation accuracy among runs that did not diverge, with all the runs."""
-    runs = [run(method, {**hyper, "lr": lr}, setup, results_dir) for lr in grid]
-    ok = [r for r in runs if not r["diverged"]] or runs
-    best = max(ok, key=lambda r: r["val_acc"])
-    return best["config"]["hyper"]["lr"], runs
+    """Run ``method`` at every lr of ``grid`` with every one of ``seeds`` and return the lr with
+    the best validation accuracy averaged over the seeds, among the lrs at which no seed
+    diverged (all lrs if every one did), with all the runs."""
+    runs = [
+        run(method, {**hyper, "lr": lr, "seed": seed}, setup, results_dir)
+        for lr in grid
+        for seed in seeds
+    ]
+    ok = [lr for lr in grid if not any(r["diverged"] for r in runs if _lr(r) == lr)] or list(grid)
+    means = mean_val_by_lr([r for r in runs if _lr(r) in ok])
+    return max(means, key=means.__getitem__), runs
+
+
+def _lr(run_result: dict[str, Any]) -> float:
+    return run_result["config"]["hyper"]["lr"]
+
+
+def mean_val_by_lr(runs: list[dict[str, Any]]) -> dict[float, float]:
+    """Validation accuracy of :func:`run` results averaged over their seeds, per lr (in the
+    order the lrs first appear)."""
+    by_lr: dict[float, list[float]] = {}
+    for r in runs:
+        by_lr.setdefault(_lr(r), []).append(r["val_acc"])
+    return {lr: statistics.fmean(accs) for lr, accs in by_lr.items()}
 
 
 def command(name: str, smoke: bool, extras: str = "") -> str:

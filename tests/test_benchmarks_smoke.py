@@ -130,6 +130,25 @@ def test_vision_lr_is_chosen_on_the_mean_over_seeds_not_on_seed_0():
     assert vision_transfer.best_lr(runs) == 3e-2  # seed 0 alone would pick 1e-2; ties: smaller
 
 
+def test_sweep_lr_is_chosen_on_the_mean_over_seeds_and_skips_lrs_where_a_seed_diverged(
+    monkeypatch,
+):
+    vals = {3e-4: [0.80, 0.70, 0.70], 1e-3: [0.75, 0.76, 0.75], 3e-3: [0.60, 0.99, 0.99]}
+
+    def fake_run(method, hyper, setup, out):
+        lr, seed = hyper["lr"], hyper["seed"]
+        diverged = lr == 3e-3 and seed == 0
+        return {"config": {"hyper": hyper}, "val_acc": vals[lr][seed], "diverged": diverged}
+
+    monkeypatch.setattr(common, "run", fake_run)
+    grid = tuple(vals)
+    lr, runs = common.best_lr("lora", {}, grid, minilm.SMOKE, Path("unused"), seeds=(0, 1, 2))
+    assert lr == 1e-3  # seed 0 alone picks 3e-4; 3e-3 has the best mean but a seed diverged
+    assert len(runs) == 9
+    assert common.mean_val_by_lr(runs)[3e-4] == pytest.approx(2.2 / 3)
+    assert common.best_lr("lora", {}, grid, minilm.SMOKE, Path("unused"))[0] == 3e-4
+
+
 def test_vision_budget_row_holds_geolora_to_lora_r8s_adapter_size():
     vision = vision_transfer.load_example()
     base = vision.build_vit()
