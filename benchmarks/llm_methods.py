@@ -7,8 +7,8 @@
   ``Σ 8 (n + m)`` over the adapted layers (``budget_unit="params"``, each kept singular value
   costing ``n + m + 1``), so that its final adapters are no larger than LoRA's;
 * ``geolora-rows``: the library defaults with ``base_rule="riemannian_adam_rows"`` (each row's
-  step capped, :mod:`geolora.base_rules`), and ``geolora-rows-budget`` that rule with the budget
-  of ``geolora-budget``; ``geolora-features`` and ``geolora-features-budget`` the same with
+  step capped, :mod:`geolora.optim.base_rules`), and ``geolora-rows-budget`` that rule with the
+  budget of ``geolora-budget``; ``geolora-features`` and ``geolora-features-budget`` the same with
   ``base_rule="riemannian_adam_features"``; run by ``llm_lr.py``, not part of the main table;
 * ``lora``: peft ``LoraConfig(r=8, lora_alpha=16)`` with AdamW;
 * ``adalora``: peft ``AdaLoraConfig(init_r=12, target_r=8, lora_alpha=16)`` with AdamW, budget

@@ -1,7 +1,7 @@
 """Where the step time goes on the causal LM of ``llm_sft.py``: forward, backward, gradient
 clipping, ``optimizer.step()`` and ``zero_grad`` of GeoLoRA (the library's defaults) against peft
 LoRA r=8, and of GeoLoRA with the optimizer's adapters stepped in one zero-padded bucket per shape
-(``geolora.buckets.BUCKET_OVERHEAD = inf``, the grouping before :mod:`geolora.buckets`).
+(``geolora.optim.buckets.BUCKET_OVERHEAD = inf``, the grouping before :mod:`geolora.optim.buckets`).
 
 The three train side by side in one process on the same batches (llm_sft's task, length-bucketed,
 warm-up then linear decay, clipping at 1), one step of each in turn, so that every phase sees the
@@ -23,7 +23,7 @@ import llm_methods
 import llm_sft
 import torch
 
-import geolora.buckets
+import geolora.optim.buckets
 from geolora.app.batches import epoch_batches
 from geolora.app.causal_lm import encode_chats, sentiment_instructions
 from geolora.app.finetune import learning_rate_at
@@ -57,7 +57,7 @@ def measure(args: Any) -> dict[str, Any]:
         for label, (method, _) in RUNS.items()
     }
     times: dict[str, list[dict[str, float]]] = {label: [] for label in RUNS}
-    default_overhead = geolora.buckets.BUCKET_OVERHEAD
+    default_overhead = geolora.optim.buckets.BUCKET_OVERHEAD
     try:
         for step, ids in enumerate(batches):
             batch = train.batch(ids)
@@ -65,11 +65,12 @@ def measure(args: Any) -> dict[str, Any]:
                 method, overhead = RUNS[label]
                 peak = llm_methods.LEARNING_RATES[method]
                 lr = learning_rate_at(step, args.steps, peak, max(1, args.steps // 10))
-                geolora.buckets.BUCKET_OVERHEAD = default_overhead if overhead is None else overhead
+                chosen = default_overhead if overhead is None else overhead
+                geolora.optim.buckets.BUCKET_OVERHEAD = chosen
                 times[label].append(timed_step(trainer, batch, lr))
             print(f"step {step + 1}/{args.steps}", file=sys.stderr, flush=True)
     finally:
-        geolora.buckets.BUCKET_OVERHEAD = default_overhead
+        geolora.optim.buckets.BUCKET_OVERHEAD = default_overhead
     lora = [sum(t.values()) for t in times["LoRA r=8"]]
     results = {}
     for label, trainer in trainers.items():

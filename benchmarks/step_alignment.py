@@ -60,7 +60,7 @@ def _riemannian_adam_ratios(prep) -> dict[str, float]:
     ``RMS(M̂) / √mean(G∘G)`` (below 1 when successive gradients cancel), with this step's
     ``M = β₁M + (1−β₁)G`` and ``q = β₂q + (1−β₂)·mean(G∘G)`` over the active blocks."""
     from geolora import geolora_layers
-    from geolora.base_rules import MOMENT_KEYS, SCALAR_KEYS
+    from geolora.optim.base_rules import MOMENT_KEYS, SCALAR_KEYS
 
     opt = prep.optimizer
     group = next(g for g in opt.param_groups if g["geolora"])

@@ -23,8 +23,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from geolora import GeoLoRAConfig, GeoLoRAOptimizer, get_geolora_model, integrator, ranks
+from geolora import GeoLoRAConfig, GeoLoRAOptimizer, get_geolora_model
 from geolora.layers import random_orthonormal
+from geolora.optim import integrator, rank_rules
 
 FUZZ = settings(max_examples=60, deadline=None, derandomize=True, database=None)
 DTYPES = st.sampled_from([torch.float32, torch.float64])
@@ -89,7 +90,7 @@ def test_step_invariants(p):
 
     # truncation
     big_p, sigma, qh = torch.linalg.svd(s_hat, full_matrices=False)
-    r1 = int(ranks.local_ranks(sigma, p["tau"], p["r_min"], p["r_max"]))
+    r1 = int(rank_rules.local_ranks(sigma, p["tau"], p["r_min"], p["r_max"]))
     assert p["r_min"] <= r1 <= p["r_max"] and r1 <= sigma.numel()
     u1, sig1, v1 = u_aug.basis @ big_p[:, :r1], sigma[:r1], v_aug.basis @ qh[:r1].T
     assert torch.isfinite(sig1).all() and (sig1 >= 0).all()

@@ -7,8 +7,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from geolora import integrator
 from geolora.layers import random_orthonormal
+from geolora.optim import integrator
 
 
 def _tangent_projection(u, v, g):

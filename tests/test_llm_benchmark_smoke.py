@@ -122,6 +122,6 @@ def test_llm_step_time_smoke(tmp_path):
     # the padded grouping takes the same step: the same ranks (the tiny model's are all equal)
     padded = results["GeoLoRA, one padded bucket per shape"]
     assert padded["total_rank"] == results["GeoLoRA"]["total_rank"]
-    import geolora.buckets
+    import geolora.optim.buckets
 
-    assert geolora.buckets.BUCKET_OVERHEAD == 4e6  # restored after the run
+    assert geolora.optim.buckets.BUCKET_OVERHEAD == 4e6  # restored after the run

@@ -200,7 +200,7 @@ def test_sgd_with_large_lr_warns_about_adamw_on_the_head(tiny_bert):
 
 
 def test_plain_optimizer_on_factors_raises_before_changing_anything(tiny_bert):
-    from geolora.guard import PlainOptimizerError
+    from geolora.optim.guard import PlainOptimizerError
 
     model = get_geolora_model(
         tiny_bert, GeoLoRAConfig(target_modules=["query"], modules_to_save=["classifier"])

@@ -1,17 +1,16 @@
 """The batched GeoLoRAOptimizer step against a plain per-adapter reference of the documented math.
 
-The optimizer stacks the adapters of one shape and steps them together (ranks with
-``2r ≤ min(n, m)`` in one bucket, the narrower adapters zero-padded to the widest), computing the
-truncation and the state transport with all columns of ``P`` and ``Q`` and zeroing each adapter's
-part beyond its new rank. The reference here steps one adapter at a time, as written in the
-docstrings of :mod:`geolora.base_rules` and :mod:`geolora.integrator`: base-rule directions with
-the adapter's own step count, ``S₁ = (1 − λ·wd) S − λ D_S``, augmentation, SVD, the shrinkage
-``σ ← max(σ − μ σ_max(ΔŜ), 0)``, the local rank rule with its margin, ``U ← Û P₁``, and the
-transport ``M_K ← M_K C_vᵀ`` … with the second-moment fill (per-coordinate Adam), the
-invariant scalar (Riemannian Adam) or the invariant scalar and row moments (its row-capped
-variant). Every step, factors and full-size state (zero beyond the
-rank) must agree to float64 rounding, both when whole tensors are copied (small adapters) and
-when views of their active part are.
+The optimizer stacks the adapters of one shape and steps them together (ranks with ``2r ≤ min(n,
+m)`` in one bucket, the narrower adapters zero-padded to the widest), computing the truncation and
+the state transport with all columns of ``P`` and ``Q`` and zeroing each adapter's part beyond its
+new rank. The reference here steps one adapter at a time, as written in the docstrings of
+:mod:`geolora.optim.base_rules` and :mod:`geolora.optim.integrator`: base-rule directions with the
+adapter's own step count, ``S₁ = (1 − λ·wd) S − λ D_S``, augmentation, SVD, the shrinkage ``σ ←
+max(σ − μ σ_max(ΔŜ), 0)``, the local rank rule with its margin, ``U ← Û P₁``, and the transport
+``M_K ← M_K C_vᵀ`` … with the second-moment fill (per-coordinate Adam), the invariant scalar
+(Riemannian Adam) or the invariant scalar and row moments (its row-capped variant). Every step,
+factors and full-size state (zero beyond the rank) must agree to float64 rounding, both when whole
+tensors are copied (small adapters) and when views of their active part are.
 """
 
 from __future__ import annotations
@@ -24,17 +23,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-import geolora.buckets
 import geolora.layers
+import geolora.optim.buckets
 from geolora import (
     GeoLoRAConfig,
     GeoLoRAOptimizer,
     geolora_layers,
     get_geolora_model,
-    integrator,
-    ranks,
 )
 from geolora.layers import set_stacked_factors
+from geolora.optim import integrator, rank_rules
 
 LR, WD, TAU, R_MAX, MOMENTUM, MARGIN, SHRINK = 0.05, 0.1, 0.2, 8, 0.9, 0.1, 0.05
 BETAS, EPS = (0.9, 0.999), 1e-8
@@ -99,7 +97,7 @@ def _reference(layer, state: dict, rule: str, freeze: bool) -> tuple[dict, dict]
     available = int((sigma > 0).sum())
     step_part = integrator.augmented_coefficients(-LR * d["S"], u_aug, v_aug, LR)
     sigma = (sigma - SHRINK * torch.linalg.svdvals(step_part)[0]).clamp(min=0)
-    r1 = r if freeze else int(ranks.local_ranks(sigma, TAU, 1, R_MAX, MARGIN, r, available))
+    r1 = r if freeze else int(rank_rules.local_ranks(sigma, TAU, 1, R_MAX, MARGIN, r, available))
     p1, q1, sig1 = p[:, :r1], qh[:r1, :].T, sigma[:r1]
     u1, v1 = u_aug.basis @ p1, v_aug.basis @ q1
     c_u = integrator.coordinate_change(u_aug.r11, p1)
@@ -145,7 +143,7 @@ def test_batched_step_matches_per_adapter_reference(rule, freeze, copy, grouping
     if copy == "views":  # large adapters: read and write views of the active part per tensor
         monkeypatch.setattr(geolora.layers, "WHOLE_COPY_BYTES", 0)
     if grouping == "by_rank":  # batches free: one bucket per rank, nothing padded
-        monkeypatch.setattr(geolora.buckets, "BUCKET_OVERHEAD", 0.0)
+        monkeypatch.setattr(geolora.optim.buckets, "BUCKET_OVERHEAD", 0.0)
     model = _model(freeze)
     momentum = MOMENTUM if rule == "sgd" else 0.0
     opt = GeoLoRAOptimizer(model, lr=LR, weight_decay=WD, base_rule=rule, momentum=momentum)
@@ -213,7 +211,7 @@ def test_stacked_factors_must_cover_the_old_rank():
 
 
 def test_buckets_pad_cheap_adapters_together_and_split_costly_widths(monkeypatch):
-    from geolora.buckets import group_by_width, plan_buckets
+    from geolora.optim.buckets import group_by_width, plan_buckets
 
     assert group_by_width([1, 3, 6, 2], rows=24) == [[0, 3, 1, 2]]  # tiny QRs: one padded bucket
     ranks = [4] * 60 + [18]  # one wide gate_proj of SmolLM2 would make sixty narrow ones pay 20x
@@ -228,7 +226,7 @@ def test_buckets_pad_cheap_adapters_together_and_split_costly_widths(monkeypatch
             factor.grad = torch.zeros_like(factor)
     layers[1].U.grad = None  # no gradient: not stepped
     assert plan_buckets(layers) == [[layers[0], layers[3], layers[2]], [layers[4]]]
-    monkeypatch.setattr(geolora.buckets, "BUCKET_OVERHEAD", 0.0)
+    monkeypatch.setattr(geolora.optim.buckets, "BUCKET_OVERHEAD", 0.0)
     by_rank = plan_buckets(layers)
     assert by_rank == [[layers[0]], [layers[3]], [layers[2]], [layers[4]]]
 
@@ -240,7 +238,7 @@ def test_buckets_pad_cheap_adapters_together_and_split_costly_widths(monkeypatch
 )
 def test_bucket_grouping_is_the_cheapest_contiguous_partition(ranks, rows):
     """Against every partition of the sorted ranks into contiguous runs (2^(k-1) of them)."""
-    from geolora.buckets import BUCKET_OVERHEAD, group_by_width
+    from geolora.optim.buckets import BUCKET_OVERHEAD, group_by_width
 
     def cost(groups):
         return sum(

@@ -6,7 +6,15 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from geolora.ranks import budget_ranks, global_tau_ranks, local_ranks
+from geolora import GeoLoRAConfig
+from geolora.optim.rank_rules import (
+    RANK_RULES,
+    LayerGroup,
+    budget_ranks,
+    global_tau_ranks,
+    local_ranks,
+    rank_rule_for,
+)
 
 
 def _reference_local(sigma, tau):
@@ -81,3 +89,52 @@ def test_parameter_budget_counts_layer_costs():
     assert budget_ranks([a, b], 22, [10, 1], [1, 1], [8, 8]) == [2, 2]
     total = sum(r * c for r, c in zip(budget_ranks([a, b], 35, [10, 1], [1, 1], [8, 8]), [10, 1]))
     assert total <= 35
+
+
+def _config(**kwargs) -> GeoLoRAConfig:
+    return GeoLoRAConfig(target_modules=["query"], **kwargs)
+
+
+def _groups():
+    """Two buckets of layers whose singular values interleave."""
+    first = LayerGroup(
+        sigma=torch.tensor([[5.0, 1.0, 0.2, 0.0], [4.0, 3.0, 0.5, 0.1]], dtype=torch.float64),
+        available=torch.tensor([3, 4]),
+        current=[2, 2],
+        costs=[10, 10],
+        r_min=1,
+        r_max=4,
+    )
+    second = LayerGroup(
+        sigma=torch.tensor([[2.0, 1.5, 0.0, 0.0]], dtype=torch.float64),
+        available=torch.tensor([2]),
+        current=[3],
+        costs=[30],
+        r_min=1,
+        r_max=3,
+    )
+    return [first, second]
+
+
+def test_rank_rules_over_groups_match_the_pure_functions():
+    groups = _groups()
+    sigmas = [s for g in groups for s in g.sigma]
+    local = RANK_RULES["local"].choose(groups, _config(rank_margin=0.5), 0.1)
+    assert local == [
+        local_ranks(g.sigma, 0.1, g.r_min, g.r_max, 0.5, g.current, g.available).tolist()
+        for g in groups
+    ]
+    config = _config(truncation="global", rank_margin=0.0)
+    flat = global_tau_ranks(sigmas, 0.1, [1, 1, 1], [4, 4, 3], 0.0, [2, 2, 3], [3, 4, 2])
+    assert RANK_RULES["global"].choose(groups, config, 0.1) == [flat[:2], flat[2:]]
+    budget = RANK_RULES["budget"].choose(groups, _config(budget=90), 0.1)
+    # the floors (5, 4, 2) cost 10 + 10 + 30; of the 40 left, 3 costs 10 and 1.5 costs 30
+    assert budget == [[1, 2], [2]]
+    flat = budget_ranks(sigmas, 90, [10, 10, 30], [1, 1, 1], [4, 4, 3])
+    assert budget == [flat[:2], flat[2:]]
+
+
+def test_the_config_picks_its_rank_rule():
+    assert rank_rule_for(_config()) is RANK_RULES["local"]
+    assert rank_rule_for(_config(truncation="global")) is RANK_RULES["global"]
+    assert rank_rule_for(_config(truncation="global", budget=64)) is RANK_RULES["budget"]

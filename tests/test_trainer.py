@@ -168,7 +168,7 @@ def test_trainer_without_geolora_optimizer_refuses_to_train(model, tmp_path):
 def test_trainer_without_optimizer_or_callback_raises_before_any_change(model, tmp_path):
     """No callback and no ``optimizers=``: the process-wide guard stops the Trainer's AdamW at
     its first step, and names the fix."""
-    from geolora.guard import PlainOptimizerError
+    from geolora.optim.guard import PlainOptimizerError
 
     trainer = Trainer(model=model, args=training_args(tmp_path), train_dataset=dataset())
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}

@@ -22,7 +22,7 @@ from .layers import (
 from .merge import disable_adapter, merge_adapter, merge_and_unload, unmerge_adapter
 from .model import geolora_layers, get_geolora_model, rank_report
 from .model_methods import print_trainable_parameters
-from .optimizer import GeoLoRAOptimizer
+from .optim.optimizer import GeoLoRAOptimizer
 from .peft_interop import export_peft_lora, geolora_from_peft
 from .reports import (
     RankHistory,

@@ -16,7 +16,7 @@ gradient ``G``, so clipping acts on the geometric step as a rescaled ``G``.
 The factors must never reach an ordinary optimizer: ``U.grad`` holds ``G_K``, not the gradient
 of ``U``, and a plain step would destroy the orthonormal bases. :func:`check_optimizer` detects
 that, and the callback runs it before the first step; without the callback the process-wide
-guard (:mod:`geolora.guard`) raises at the first step, before any parameter changes.
+guard (:mod:`geolora.optim.guard`) raises at the first step, before any parameter changes.
 
 Saving: the model's ``save_pretrained`` writes the GeoLoRA adapter (:mod:`geolora.model_methods`),
 so ``trainer.save_model()`` and every checkpoint directory hold ``adapter_config.json`` and
@@ -38,7 +38,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments, get_schedu
 
 from .io import is_geolora_adapter_dir, restore_adapter
 from .model import geolora_layers, rank_report
-from .optimizer import GeoLoRAOptimizer
+from .optim.optimizer import GeoLoRAOptimizer
 from .reports import RankHistory, write_rank_report
 
 __all__ = [

@@ -33,7 +33,7 @@ from ..checkpoint import load_training_checkpoint, save_training_checkpoint
 from ..io import save_adapter
 from ..merge import merge_and_unload
 from ..model import rank_report
-from ..optimizer import GeoLoRAOptimizer
+from ..optim.optimizer import GeoLoRAOptimizer
 from ..peft_interop import export_peft_lora
 from ..reports import RankHistory, write_rank_report
 from .batches import epoch_batches, steps_per_epoch

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from .. import base_rules
+from ..optim import base_rules
 from ..config import GeoLoRAConfig
 
 __all__ = ["RUNTIME_OPTIONS", "TASKS", "FinetuneOptions", "OptionSpec", "option_specs"]

@@ -29,7 +29,7 @@ stepped together. Notation for one adapter ``W = W0 + s·U S Vᵀ`` (``U``: n×r
   step's own contribution. This is the proximal step of a nuclear-norm penalty whose weight is
   a fraction of the step's size, so it is free of scale (lr, gradient, base rule) and vanishes
   as the step does (an exact fit stays exact).
-* Truncation: keep ``r₁`` singular triplets (chosen by :mod:`geolora.ranks`):
+* Truncation: keep ``r₁`` singular triplets (chosen by :mod:`geolora.optim.rank_rules`):
   ``U ← Û P[:, :r₁]``, ``V ← V̂ Q[:, :r₁]``, ``S ← diag(σ₁..σ_{r₁})``.
 """
 

@@ -44,7 +44,7 @@ of which the leading ``r`` columns are active. The rules are elementwise on *blo
 ``L``- and ``S``-parts of an adapter stacked along rows, (n + m + r) × r, and a batch of adapters
 stacked along dim 0 (:func:`split_block` takes them apart); scalar state is stacked as (B, 1, 1).
 After the step moves the basis, each block state is rewritten in the new coordinates with the maps
-``C_u``, ``C_v`` (r₁ × r, from :func:`geolora.integrator.coordinate_change`). Columns of K are
+``C_u``, ``C_v`` (r₁ × r, from :func:`geolora.optim.integrator.coordinate_change`). Columns of K are
 indexed by the V-side basis and columns of L by the U-side basis, so
 
     M_K ← M_K C_vᵀ,   M_L ← M_L C_uᵀ,   M_S ← C_u M_S C_vᵀ          (first moments: exact)

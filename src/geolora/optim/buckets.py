@@ -1,4 +1,4 @@
-"""Which adapters :class:`~geolora.optimizer.GeoLoRAOptimizer` steps together, as one batch.
+"""Which adapters :class:`~geolora.optim.optimizer.GeoLoRAOptimizer` steps together, as one batch.
 
 Adapters can share a batch when they share ``(n, m, r_max, r_min, dtype, device)``. Within that,
 an adapter of rank ``rᵢ`` with ``2rᵢ ≤ min(n, m)`` can be zero-padded to any wider rank ``w`` and
@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 
-from .layers import GeoLoRALayer
+from ..layers import GeoLoRALayer
 
 __all__ = ["BUCKET_OVERHEAD", "group_by_width", "plan_buckets"]
 

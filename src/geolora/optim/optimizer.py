@@ -1,17 +1,17 @@
 """GeoLoRAOptimizer: one ``step()`` = the geometric update of every adapter + AdamW on the rest.
 
-Per adapter (spec §2): directions ``D_K, D_L, D_S`` from the base rule (:mod:`geolora.base_rules`),
-``S₁ = (1 − λ·wd) S − λ D_S`` (decoupled weight decay of the whole adapter), QR augmentation of
-both bases, the augmented coefficients, an SVD, the shrinkage of the singular values
-(:func:`geolora.integrator.shrink_singular_values`), the rank decision (:mod:`geolora.ranks`),
-the truncation, and the transport of the optimizer state to the new bases. Adapters sharing a shape
-form buckets that are stepped as one batch each (:mod:`geolora.buckets`: ranks with
-``2r ≤ min(n, m)`` grouped by width where padding all to the widest would cost more QR than a
-batch costs, the narrower ones of a group zero-padded, see :mod:`geolora.integrator`; wider
-ones only with adapters of their own rank): gradients, factors and moments are stacked with one
-copy each, the directions, QR, SVD, truncation and transport run on the stacked tensors (each
-adapter keeps its own Adam step count, rank and new rank), and factors and state go back with one
-copy per bucket.
+Per adapter (spec §2): directions ``D_K, D_L, D_S`` from the base rule
+(:mod:`geolora.optim.base_rules`), ``S₁ = (1 − λ·wd) S − λ D_S`` (decoupled weight decay of the
+whole adapter), QR augmentation of both bases, the augmented coefficients, an SVD, the shrinkage of
+the singular values (:func:`geolora.optim.integrator.shrink_singular_values`), the rank decision
+(:mod:`geolora.optim.rank_rules`), the truncation, and the transport of the optimizer state to the
+new bases. Adapters sharing a shape form buckets that are stepped as one batch each
+(:mod:`geolora.optim.buckets`: ranks with ``2r ≤ min(n, m)`` grouped by width where padding all to
+the widest would cost more QR than a batch costs, the narrower ones of a group zero-padded, see
+:mod:`geolora.optim.integrator`; wider ones only with adapters of their own rank): gradients,
+factors and moments are stacked with one copy each, the directions, QR, SVD, truncation and
+transport run on the stacked tensors (each adapter keeps its own Adam step count, rank and new
+rank), and factors and state go back with one copy per bucket.
 The singular values of all layers reach the host in one transfer, which is the only device sync
 of the step besides the finiteness check.
 
@@ -31,14 +31,14 @@ from torch import Tensor, nn
 from torch.optim.adamw import adamw
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-from . import base_rules, integrator, ranks
-from ._torch_compat import foreach_add_, foreach_copy_, foreach_norm
+from .._torch_compat import foreach_add_, foreach_copy_, foreach_norm
+from ..config import GeoLoRAConfig
+from ..layers import GeoLoRALayer, copy_whole, is_factor, set_stacked_factors, write_leading
+from ..model import geolora_layers
+from . import base_rules, integrator, rank_rules
 from .base_rules import MOMENT_KEYS, SCALAR_KEYS, split_block
 from .buckets import plan_buckets
-from .config import GeoLoRAConfig
 from .guard import refuse_plain_optimizer
-from .layers import GeoLoRALayer, copy_whole, is_factor, set_stacked_factors, write_leading
-from .model import geolora_layers
 
 __all__ = ["GeoLoRAOptimizer"]
 
@@ -104,7 +104,7 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
         weight_decay: decoupled weight decay for the adapters and the other parameters.
         base_rule: ``"riemannian_adam"`` (default), ``"riemannian_adam_rows"``,
             ``"riemannian_adam_features"``, ``"adam"`` or ``"sgd"`` directions for the factors
-            (spec §4, :mod:`geolora.base_rules`).
+            (spec §4, :mod:`geolora.optim.base_rules`).
         betas, eps: Adam constants (also for the AdamW step of the other parameters).
         momentum: heavy-ball momentum for ``base_rule="sgd"``.
         other_lr: learning rate of the non-adapter parameters, if different.
@@ -240,7 +240,7 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
 
     def _geometric_step(self, group: dict) -> None:
         """Step every adapter with a gradient, in the buckets of
-        :func:`geolora.buckets.plan_buckets`, each stepped as one batch."""
+        :func:`geolora.optim.buckets.plan_buckets`, each stepped as one batch."""
         planned = plan_buckets(list(self._layers.values()))
         if not planned:
             self._warn_no_adapter_gradient()
@@ -267,7 +267,7 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
     def _augment(self, layers: list[GeoLoRALayer], group: dict) -> _Bucket:
         """Base-rule directions, ``S₁ = (1 − λ·wd) S − λ D_S``, both augmentations, ``Ŝ``, its
         SVD and the shrunk singular values for the adapters of one bucket at once. Factors,
-        gradients and moments are stacked as blocks (see :mod:`geolora.base_rules`): one copy
+        gradients and moments are stacked as blocks (see :mod:`geolora.optim.base_rules`): one copy
         each for the whole bucket."""
         lr, decay = group["lr"], 1 - group["lr"] * group["weight_decay"]
         n, m = layers[0].out_features, layers[0].in_features
@@ -306,39 +306,27 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
         )
 
     def _choose_ranks(self, buckets: list[_Bucket], step: int) -> list[list[int]]:
-        """New ranks per bucket from all singular values, moved to the host in one transfer."""
+        """New ranks per bucket from all singular values, moved to the host in one transfer, by
+        the config's rank rule (:mod:`geolora.optim.rank_rules`; τ = 0 during the warm-up)."""
         cfg = self.config
         if cfg.freeze_ranks_after is not None and step >= cfg.freeze_ranks_after:
             return [[layer.current_rank for layer in b.layers] for b in buckets]
         parts = [t for b in buckets for t in (b.sigma.reshape(-1), b.available.to(b.sigma))]
         moved = torch.cat(parts).double().cpu().split([t.numel() for t in parts])
-        host = [h.view_as(b.sigma) for h, b in zip(moved[0::2], buckets)]
-        avail = [a.long() for a in moved[1::2]]
-        current = [[layer.current_rank for layer in b.layers] for b in buckets]
-        if step < cfg.warmup_steps or (cfg.budget is None and cfg.truncation == "local"):
-            tau = 0.0 if step < cfg.warmup_steps else cfg.tau
-            return [
-                ranks.local_ranks(h, tau, b.r_min, b.r_max, cfg.rank_margin, c, a).tolist()
-                for h, b, c, a in zip(host, buckets, current, avail)
-            ]
-        sigmas = [s for h in host for s in h]
-        r_min = [b.r_min for b in buckets for _ in b.layers]
-        r_max = [b.r_max for b in buckets for _ in b.layers]
-        if cfg.budget is not None:
-            costs = [
-                1 if cfg.budget_unit == "rank" else layer.out_features + layer.in_features + 1
-                for b in buckets
-                for layer in b.layers
-            ]
-            flat = ranks.budget_ranks(sigmas, cfg.budget, costs, r_min, r_max)
-        else:
-            flat_current = [c for cs in current for c in cs]
-            flat_avail = [int(x) for a in avail for x in a]
-            flat = ranks.global_tau_ranks(
-                sigmas, cfg.tau, r_min, r_max, cfg.rank_margin, flat_current, flat_avail
+        groups = [
+            rank_rules.LayerGroup(
+                sigma=h.view_as(b.sigma),
+                available=a.long(),
+                current=[layer.current_rank for layer in b.layers],
+                costs=[_value_cost(layer, cfg.budget_unit) for layer in b.layers],
+                r_min=b.r_min,
+                r_max=b.r_max,
             )
-        it = iter(flat)
-        return [[next(it) for _ in b.layers] for b in buckets]
+            for h, a, b in zip(moved[0::2], moved[1::2], buckets)
+        ]
+        if step < cfg.warmup_steps:
+            return rank_rules.RANK_RULES["local"].choose(groups, cfg, tau=0.0)
+        return rank_rules.rank_rule_for(cfg).choose(groups, cfg, cfg.tau)
 
     def _truncate(self, bucket: _Bucket, new_ranks: list[int], group: dict) -> None:
         """Keep each adapter's ``r₁`` leading singular triplets, ``U ← Û P₁``, ``V ← V̂ Q₁``,
@@ -367,6 +355,11 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
             foreach_copy_([state[key] for state in bucket.states], list(stacked.view(-1)))
         for state, r in zip(bucket.states, new_ranks):
             state["rank"] = r
+
+
+def _value_cost(layer: GeoLoRALayer, unit: str) -> int:
+    """What one kept singular value of ``layer`` costs: 1 rank or ``n + m + 1`` parameters."""
+    return 1 if unit == "rank" else layer.out_features + layer.in_features + 1
 
 
 def _hyper(group: dict) -> base_rules.Hyper:

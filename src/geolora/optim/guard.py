@@ -17,7 +17,7 @@ import weakref
 
 import torch
 
-from .layers import is_factor
+from ..layers import is_factor
 
 __all__ = ["PlainOptimizerError", "refuse_plain_optimizer"]
 

@@ -1,4 +1,6 @@
-"""Rank selection after the augmented SVD (spec §2 step 4 and §3), as pure functions.
+"""Rank selection after the augmented SVD (spec §2 step 4 and §3): pure functions over the
+singular values, and one small class per rule over all layers, registered in :data:`RANK_RULES`
+(:func:`rank_rule_for` picks the one a config asks for).
 
 Every rule sees the singular values ``σ`` of each layer's augmented coefficient matrix, sorted
 descending, and returns how many to keep (the leading ones), clipped to ``[r_min, r_max]``.
@@ -22,7 +24,7 @@ descending, and returns how many to keep (the leading ones), clipped to ``[r_min
   each layer keeping at least ``r_min`` (a cost of 1 per value gives a total-rank budget; a cost
   of ``n + m + 1`` gives a parameter budget). No margin: the budget is exact.
 
-The rules see the singular values after the shrinkage (:func:`geolora.integrator.
+The rules see the singular values after the shrinkage (:func:`geolora.optim.integrator.
 shrink_singular_values`), which sets those of directions the gradient does not keep feeding to
 zero. Margin triplets may carry such a zero (their bases stay, so they get the first-order
 gradient next step); ``available``, the number of non-zero values before the shrinkage, bounds
@@ -33,11 +35,25 @@ layer's current rank: there is nothing to decide from.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
-__all__ = ["budget_ranks", "global_tau_ranks", "local_ranks", "with_margin"]
+if TYPE_CHECKING:
+    from ..config import GeoLoRAConfig
+
+__all__ = [
+    "RANK_RULES",
+    "LayerGroup",
+    "RankRule",
+    "budget_ranks",
+    "global_tau_ranks",
+    "local_ranks",
+    "rank_rule_for",
+    "with_margin",
+]
 
 
 def _tail_norms(sigma: Tensor) -> Tensor:
@@ -127,3 +143,85 @@ def budget_ranks(
     affordable = prices_t[order].cumsum(0) <= remaining
     extra_counts = torch.bincount(owners_t[order][affordable], minlength=len(sigmas))
     return [f + int(e) for f, e in zip(floor, extra_counts)]
+
+
+@dataclass(frozen=True)
+class LayerGroup:
+    """What a rule sees of the layers stepped as one batch (one bucket), on the host."""
+
+    sigma: Tensor
+    """(B, k) singular values of each layer's ``Ŝ`` after the shrinkage, descending."""
+    available: Tensor
+    """(B,) non-zero singular values of each layer's ``Ŝ`` before the shrinkage."""
+    current: list[int]
+    """Each layer's rank before the step."""
+    costs: list[int]
+    """What one kept singular value costs in each layer (1, or ``n + m + 1`` parameters)."""
+    r_min: int
+    r_max: int
+
+
+class RankRule:
+    """Decides every layer's new rank from the singular values of all layers."""
+
+    def choose(
+        self, groups: Sequence[LayerGroup], config: GeoLoRAConfig, tau: float
+    ) -> list[list[int]]:
+        """The new rank of every layer of every group (``tau``: the tolerance of this step)."""
+        raise NotImplementedError
+
+
+class LocalTau(RankRule):
+    """:func:`local_ranks` per layer, with the config's growth margin."""
+
+    def choose(self, groups, config, tau):
+        return [
+            local_ranks(
+                g.sigma, tau, g.r_min, g.r_max, config.rank_margin, g.current, g.available
+            ).tolist()
+            for g in groups
+        ]
+
+
+class GlobalTau(RankRule):
+    """:func:`global_tau_ranks` over all layers, then each layer's margin."""
+
+    def choose(self, groups, config, tau):
+        flat = global_tau_ranks(
+            [s for g in groups for s in g.sigma],
+            tau,
+            [g.r_min for g in groups for _ in g.current],
+            [g.r_max for g in groups for _ in g.current],
+            config.rank_margin,
+            [c for g in groups for c in g.current],
+            [int(a) for g in groups for a in g.available],
+        )
+        return _regroup(flat, groups)
+
+
+class Budget(RankRule):
+    """:func:`budget_ranks` with the config's exact budget (``tau`` is not used)."""
+
+    def choose(self, groups, config, tau):
+        flat = budget_ranks(
+            [s for g in groups for s in g.sigma],
+            config.budget,
+            [c for g in groups for c in g.costs],
+            [g.r_min for g in groups for _ in g.current],
+            [g.r_max for g in groups for _ in g.current],
+        )
+        return _regroup(flat, groups)
+
+
+def _regroup(flat: Sequence[int], groups: Sequence[LayerGroup]) -> list[list[int]]:
+    it = iter(flat)
+    return [[next(it) for _ in g.current] for g in groups]
+
+
+RANK_RULES: dict[str, RankRule] = {"local": LocalTau(), "global": GlobalTau(), "budget": Budget()}
+"""The registered rules by name."""
+
+
+def rank_rule_for(config: GeoLoRAConfig) -> RankRule:
+    """The budget rule where the config sets a budget, else its ``truncation`` mode's."""
+    return RANK_RULES["budget" if config.budget is not None else config.truncation]

@@ -1,0 +1,3 @@
+"""The training step: :class:`GeoLoRAOptimizer` (orchestration), the integrator's pure tensor
+functions, the base rules (directions and their state), the rank rules, the bucketing of adapters
+that are stepped together, and the guard that keeps ordinary optimizers off the factors."""
