@@ -18,8 +18,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from ..optim import base_rules
 from ..config import GeoLoRAConfig
+from ..optim import base_rules
 
 __all__ = ["RUNTIME_OPTIONS", "TASKS", "FinetuneOptions", "OptionSpec", "option_specs"]
 
