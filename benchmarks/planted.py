@@ -143,6 +143,13 @@ def hidden_states(model: nn.Module, split: dict[str, Tensor]) -> Tensor:
 _DATA: dict[PlantedSetup, dict[str, Any]] = {}
 
 
+def planted_params(plan: dict[str, int]) -> int:
+    """The planted changes' parameters as LoRA factors, ``Σ rank·(n + m)`` over the maps of
+    ``plan`` (module name → planted rank): the planted budget."""
+    shapes = {n: m.weight.shape for n, m in adapted_modules(student()).items()}
+    return sum(k * sum(shapes[n]) for n, k in plan.items())
+
+
 def data(setup: PlantedSetup) -> dict[str, Any]:
     """Cached embedding outputs, teacher targets and the planted ranks (once per process):
     ``{"train": split, "eval": split, "planted": {module: rank}, "teacher": stats}``; a split has

@@ -296,8 +296,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     d = planted.data(setup)
     plan = d["planted"]
     budget = sum(plan.values())
-    shapes = {n: m.weight.shape for n, m in planted.adapted_modules(planted.student()).items()}
-    budget_params = sum(k * sum(shapes[n]) for n, k in plan.items())
+    budget_params = planted.planted_params(plan)
     rows = []
     for label, method, hyper in specs(budget, len(plan), budget_params, args.smoke):
         if method not in args.methods or (args.only and label not in args.only):

@@ -23,6 +23,7 @@ SCRIPTS = (
     "planted_ranks",
     "planted_steps",
     "planted_normalisers",
+    "planted_reference_rank",
     "planted_gradients",
     "step_alignment",
     "text_comparison",

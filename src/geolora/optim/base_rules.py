@@ -234,14 +234,20 @@ class RiemannianAdamRows(RiemannianAdam):
         first = moments["first"].lerp(grad, 1 - hyper.betas[0])
         r = grad.shape[-1]
         rows = grad.shape[-2] - r + active  # n + m + r per adapter
+        columns = self.moment_columns(active)
         square = grad.square()
-        mean_sq = square.sum(dim=(-2, -1), keepdim=True) / _per_adapter(rows * active)
+        mean_sq = square.sum(dim=(-2, -1), keepdim=True) / _per_adapter(rows * columns)
         scalar = moments["scalar_second"].lerp(mean_sq, 1 - beta2)
-        row_sq = square[..., :-r, :].sum(-1, keepdim=True) / _per_adapter(active)
+        row_sq = square[..., :-r, :].sum(-1, keepdim=True) / _per_adapter(columns)
         core_sq = square[..., -r:, :].sum(dim=(-2, -1), keepdim=True) / _per_adapter(active**2)
         fresh = torch.cat([row_sq, core_sq.expand(-1, r, 1)], dim=-2)
         second = moments["second"][..., :1].lerp(fresh, 1 - beta2)
         return {"first": first, "second": second, "scalar_second": scalar}
+
+    def moment_columns(self, active: Tensor) -> Tensor:
+        """What a row's squared norm is divided by to give its second moment (and the block's
+        to give the scalar ``q``, with the row count): the adapters' active ranks, a mean."""
+        return active
 
     def denominator(self, second: Tensor, scalar: Tensor, r: int) -> Tensor:
         """What each row of the direction is divided by (before the bias correction):
