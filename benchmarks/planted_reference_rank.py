@@ -18,6 +18,7 @@ is registered here, not in the library.
 from __future__ import annotations
 
 import dataclasses
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ from planted_ranks import fit
 from geolora.optim.base_rules import BASE_RULES, RiemannianAdamFeatures
 
 NAME = "planted_reference_rank"
+SEEDS = (0, 1, 2)
 REFERENCE_RANK = 8
 LR, WARMUP = 2e-3, 30
 RULES = {
@@ -47,21 +49,39 @@ class FeaturesReferenceRank(RiemannianAdamFeatures):
 BASE_RULES.setdefault("features_reference_rank", FeaturesReferenceRank())
 
 
-def specs(planted_budget: int, smoke: bool) -> list[tuple[str, str, str, dict[str, Any]]]:
-    """(row label, normaliser, method, hyper) of every run."""
+def specs(planted_budget: int, smoke: bool) -> list[tuple[str, str, str, dict[str, Any], tuple]]:
+    """(row label, normaliser, method, hyper, seeds) of every row; the three starts of the local
+    rule, the question's rows, run with :data:`SEEDS`, the others with seed 0."""
     rows = []
     for rule, normaliser in RULES.items():
         base = {"base_rule": rule, "lr": LR, "lr_warmup": WARMUP}
         for r in (1, 4, 16):
-            rows.append((f"GeoLoRA r={r}", normaliser, "geolora", {**base, "r": r}))
+            rows.append((f"GeoLoRA r={r}", normaliser, "geolora", {**base, "r": r}, SEEDS))
         fixed = {**base, "r": 8, "freeze_ranks_after": 0}
-        rows.append(("GeoLoRA fixed r=8", normaliser, "geolora", fixed))
+        rows.append(("GeoLoRA fixed r=8", normaliser, "geolora", fixed, (0,)))
         budget = {**base, "r": 8, "budget": planted_budget, "budget_unit": "params"}
-        rows.append(("GeoLoRA r=8, planted budget", normaliser, "geolora", budget))
+        rows.append(("GeoLoRA r=8, planted budget", normaliser, "geolora", budget, (0,)))
     lora8 = {"r": 8, "lora_alpha": 16.0, "lr": 1e-3, "lr_warmup": WARMUP}
-    rows.append(("LoRA r=8", "AdamW", "lora", lora8))
-    rows.append(("LoRA r=16", "AdamW", "lora", {"r": 16, "lora_alpha": 32.0, "lr": 1e-3}))
-    return [rows[0], rows[5], rows[3], rows[8]] if smoke else rows
+    rows.append(("LoRA r=8", "AdamW", "lora", lora8, (0,)))
+    rows.append(("LoRA r=16", "AdamW", "lora", {"r": 16, "lora_alpha": 32.0, "lr": 1e-3}, (0,)))
+    if smoke:
+        return [(*spec[:4], (0,)) for spec in (rows[0], rows[5], rows[3], rows[8])]
+    return rows
+
+
+def _seeded(hyper: dict[str, Any], seed: int) -> dict[str, Any]:
+    """``hyper`` for ``seed`` (seed 0 unnamed, so that its runs share the cache of the others)."""
+    return {**hyper, "seed": seed} if seed else hyper
+
+
+def _mean_std(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.4f}"
+    return f"{statistics.fmean(values):.4f} ± {statistics.stdev(values):.4f}"
+
+
+def _per_seed(values: list[int]) -> str:
+    return " / ".join(f"{v:,}" for v in values)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -70,34 +90,39 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     budget = planted.planted_params(planted.data(setup)["planted"])
     runs_dir = Path(args.out) / NAME
     rows = []
-    for label, normaliser, method, hyper in specs(budget, args.smoke):
-        print(f"{label}, {normaliser} ...", flush=True)
-        res = fit(method, hyper, setup, runs_dir)
+    for label, normaliser, method, hyper, seeds in specs(budget, args.smoke):
+        print(f"{label}, {normaliser}, seeds {seeds} ...", flush=True)
+        runs = [fit(method, _seeded(hyper, seed), setup, runs_dir) for seed in seeds]
         rows.append(
             {
                 "row": label,
                 "normaliser": normaliser,
                 "hyper": hyper,
-                "relative_loss": res["relative_loss"],
-                "adapter_params": res["adapter_params"],
-                "total_rank": sum(res["ranks"].values()),
-                "diverged": res["diverged"],
+                "seeds": list(seeds),
+                "relative_loss": [r["relative_loss"] for r in runs],
+                "adapter_params": [r["adapter_params"] for r in runs],
+                "total_rank": [sum(r["ranks"].values()) for r in runs],
+                "diverged": any(r["diverged"] for r in runs),
             }
         )
     lines = [
         f"Teacher, student and data as in `planted_ranks.py` ({setup.steps} steps, batch "
-        f"{setup.batch_size}, seed 0, planted budget {budget:,} parameters); "
-        f"GeoLoRA with `riemannian_adam_features`, lr {LR:g} after a {WARMUP}-step warm-up, "
-        "the library's other defaults. Normaliser = what a row's squared norm is divided by to "
-        "give its second moment.",
+        f"{setup.batch_size}, planted budget {budget:,} parameters); GeoLoRA with "
+        f"`riemannian_adam_features`, lr {LR:g} after a {WARMUP}-step warm-up, the library's "
+        "other defaults. Normaliser = what a row's squared norm is divided by to give its second "
+        "moment. Rows with several seeds give mean ± std and the per-seed values.",
         "",
-        "| row | normaliser | adapter params | total rank | rel. loss |",
-        "|---|---|---|---|---|",
+        "| row | normaliser | seeds | adapter params | total rank | rel. loss |",
+        "|---|---|---|---|---|---|",
     ]
     for r in rows:
+        losses = _mean_std(r["relative_loss"])
+        if len(r["seeds"]) > 1:
+            losses += " (" + " / ".join(f"{v:.4f}" for v in r["relative_loss"]) + ")"
         lines.append(
-            f"| {r['row']} | {r['normaliser']} | {r['adapter_params']:,} | {r['total_rank']} | "
-            f"{r['relative_loss']:.4f}{' (diverged)' if r['diverged'] else ''} |"
+            f"| {r['row']} | {r['normaliser']} | {', '.join(map(str, r['seeds']))} | "
+            f"{_per_seed(r['adapter_params'])} | {_per_seed(r['total_rank'])} | "
+            f"{losses}{' (diverged)' if r['diverged'] else ''} |"
         )
     payload = {"setup": dataclasses.asdict(setup), "rows": rows}
     title = "Planted fit: a step that does not grow with the rank"
