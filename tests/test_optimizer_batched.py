@@ -23,16 +23,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-import geolora.layers
 import geolora.optim.buckets
+import geolora.optim.stacking
 from geolora import (
     GeoLoRAConfig,
     GeoLoRAOptimizer,
     geolora_layers,
     get_geolora_model,
 )
-from geolora.layers import set_stacked_factors
 from geolora.optim import integrator, rank_rules
+from geolora.optim.stacking import set_stacked_factors
 
 LR, WD, TAU, R_MAX, MOMENTUM, MARGIN, SHRINK = 0.05, 0.1, 0.2, 8, 0.9, 0.1, 0.05
 BETAS, EPS = (0.9, 0.999), 1e-8
@@ -141,13 +141,15 @@ def _reference(layer, state: dict, rule: str, freeze: bool) -> tuple[dict, dict]
 @pytest.mark.parametrize("grouping", ["padded", "by_rank"])
 def test_batched_step_matches_per_adapter_reference(rule, freeze, copy, grouping, monkeypatch):
     if copy == "views":  # large adapters: read and write views of the active part per tensor
-        monkeypatch.setattr(geolora.layers, "WHOLE_COPY_BYTES", 0)
+        monkeypatch.setattr(geolora.optim.stacking, "WHOLE_COPY_BYTES", 0)
     if grouping == "by_rank":  # batches free: one bucket per rank, nothing padded
         monkeypatch.setattr(geolora.optim.buckets, "BUCKET_OVERHEAD", 0.0)
     model = _model(freeze)
     momentum = MOMENTUM if rule == "sgd" else 0.0
     opt = GeoLoRAOptimizer(model, lr=LR, weight_decay=WD, base_rule=rule, momentum=momentum)
     layers = list(geolora_layers(model).values())
+    # the patch must reach the module that decides, or "views" would test the whole copies
+    assert geolora.optim.stacking.copy_whole(layers[0].U, 1, 1) == (copy == "whole")
     gen = torch.Generator().manual_seed(1)
     mixed_ranks_in_bucket = mixed_steps_in_bucket = padded_in_bucket = False
     for step in range(5):

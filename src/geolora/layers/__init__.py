@@ -1,6 +1,6 @@
 """GeoLoRA layers: the protocol (:mod:`.base`), one module per layer kind (:mod:`.linear`,
-:mod:`.linear4bit`, :mod:`.conv`, :mod:`.embedding`), the dispatch list (:mod:`.dispatch`) and
-the batched factor copies the optimizer uses (:mod:`.stacking`)."""
+:mod:`.linear4bit`, :mod:`.conv`, :mod:`.embedding`) and the dispatch list (:mod:`.dispatch`); the
+batched factor copies the optimizer uses live in :mod:`geolora.optim.stacking`."""
 
 from .base import GeoLoRALayer, is_factor, random_orthonormal
 from .conv import GeoLoRAConv1d, GeoLoRAConv2d
@@ -15,12 +15,10 @@ from .dispatch import (
 from .embedding import GeoLoRAEmbedding
 from .linear import GeoLoRAConv1D, GeoLoRALinear
 from .linear4bit import GeoLoRALinear4bit
-from .stacking import WHOLE_COPY_BYTES, copy_whole, set_stacked_factors, write_leading
 
 __all__ = [
     "KINDS",
     "SUPPORTED_KINDS",
-    "WHOLE_COPY_BYTES",
     "GeoLoRAConv1D",
     "GeoLoRAConv1d",
     "GeoLoRAConv2d",
@@ -28,13 +26,10 @@ __all__ = [
     "GeoLoRALayer",
     "GeoLoRALinear",
     "GeoLoRALinear4bit",
-    "copy_whole",
     "is_all_linear_candidate",
     "is_factor",
     "is_peft_layer",
     "kind_of",
     "random_orthonormal",
-    "set_stacked_factors",
     "wrap_layer",
-    "write_leading",
 ]

@@ -33,12 +33,13 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from .._torch_compat import foreach_add_, foreach_copy_, foreach_norm
 from ..config import GeoLoRAConfig
-from ..layers import GeoLoRALayer, copy_whole, is_factor, set_stacked_factors, write_leading
+from ..layers import GeoLoRALayer, is_factor
 from ..model import geolora_layers
 from . import base_rules, integrator, rank_rules
 from .base_rules import MOMENT_KEYS, SCALAR_KEYS, split_block
 from .buckets import plan_buckets
 from .guard import refuse_plain_optimizer
+from .stacking import copy_whole, set_stacked_factors, write_leading
 
 __all__ = ["GeoLoRAOptimizer"]
 
@@ -374,7 +375,7 @@ def _factors(layer: GeoLoRALayer) -> tuple[Tensor, Tensor, Tensor]:
 def _stack_blocks(tensors: list[Tensor], r: int) -> Tensor:
     """Stack the active columns of ``[K₁, L₁, S₁, K₂, …]`` (full size) into blocks
     (B, n + m + r_max, r), copying whole tensors or only their active columns (see
-    :func:`geolora.layers.copy_whole`)."""
+    :func:`geolora.optim.stacking.copy_whole`)."""
     if copy_whole(tensors[0], tensors[0].shape[0], r):
         return torch.cat(tensors).view(len(tensors) // 3, -1, tensors[0].shape[-1])[..., :r]
     return torch.cat([t[:, :r] for t in tensors]).view(len(tensors) // 3, -1, r)

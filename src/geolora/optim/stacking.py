@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from .._torch_compat import foreach_copy_
-from .base import GeoLoRALayer
+from ..layers.base import GeoLoRALayer
 
 __all__ = ["WHOLE_COPY_BYTES", "copy_whole", "set_stacked_factors", "write_leading"]
 
