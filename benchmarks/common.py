@@ -231,12 +231,14 @@ def _lr(run_result: dict[str, Any]) -> float:
     return run_result["config"]["hyper"]["lr"]
 
 
-def mean_val_by_lr(runs: list[dict[str, Any]]) -> dict[float, float]:
-    """Validation accuracy of :func:`run` results averaged over their seeds, per lr (in the
-    order the lrs first appear)."""
+def mean_val_by_lr(
+    runs: list[dict[str, Any]], lr_of: Callable[[dict[str, Any]], float] = _lr
+) -> dict[float, float]:
+    """Validation accuracy of runs averaged over their seeds, per lr (in the order the lrs first
+    appear); ``lr_of`` reads a run's lr (by default that of a :func:`run` result)."""
     by_lr: dict[float, list[float]] = {}
     for r in runs:
-        by_lr.setdefault(_lr(r), []).append(r["val_acc"])
+        by_lr.setdefault(lr_of(r), []).append(r["val_acc"])
     return {lr: statistics.fmean(accs) for lr, accs in by_lr.items()}
 
 

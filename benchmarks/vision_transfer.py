@@ -31,6 +31,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+import common
 import paired
 import torch
 from torch import nn
@@ -119,10 +120,7 @@ def run(args: argparse.Namespace, vision) -> dict:
 
 def mean_val_by_lr(runs: list[dict]) -> dict[float, float]:
     """Validation accuracy averaged over the seeds, per learning rate."""
-    by_lr: dict[float, list[float]] = {}
-    for r in runs:
-        by_lr.setdefault(r["lr"], []).append(r["val_acc"])
-    return {lr: statistics.mean(accs) for lr, accs in by_lr.items()}
+    return common.mean_val_by_lr(runs, lr_of=lambda r: r["lr"])
 
 
 def best_lr(runs: list[dict]) -> float:

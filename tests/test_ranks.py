@@ -135,6 +135,7 @@ def test_rank_rules_over_groups_match_the_pure_functions():
 
 
 def test_the_config_picks_its_rank_rule():
+    assert [name for name, rule in RANK_RULES.items() if rule.needs_costs] == ["budget"]
     assert rank_rule_for(_config()) is RANK_RULES["local"]
     assert rank_rule_for(_config(truncation="global")) is RANK_RULES["global"]
     assert rank_rule_for(_config(truncation="global", budget=64)) is RANK_RULES["budget"]

@@ -314,20 +314,22 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
             return [[layer.current_rank for layer in b.layers] for b in buckets]
         parts = [t for b in buckets for t in (b.sigma.reshape(-1), b.available.to(b.sigma))]
         moved = torch.cat(parts).double().cpu().split([t.numel() for t in parts])
+        warming_up = step < cfg.warmup_steps
+        rule = rank_rules.RANK_RULES["local"] if warming_up else rank_rules.rank_rule_for(cfg)
         groups = [
             rank_rules.LayerGroup(
                 sigma=h.view_as(b.sigma),
                 available=a.long(),
                 current=[layer.current_rank for layer in b.layers],
-                costs=[_value_cost(layer, cfg.budget_unit) for layer in b.layers],
+                costs=[_value_cost(layer, cfg.budget_unit) for layer in b.layers]
+                if rule.needs_costs
+                else [],
                 r_min=b.r_min,
                 r_max=b.r_max,
             )
             for h, a, b in zip(moved[0::2], moved[1::2], buckets)
         ]
-        if step < cfg.warmup_steps:
-            return rank_rules.RANK_RULES["local"].choose(groups, cfg, tau=0.0)
-        return rank_rules.rank_rule_for(cfg).choose(groups, cfg, cfg.tau)
+        return rule.choose(groups, cfg, 0.0 if warming_up else cfg.tau)
 
     def _truncate(self, bucket: _Bucket, new_ranks: list[int], group: dict) -> None:
         """Keep each adapter's ``r₁`` leading singular triplets, ``U ← Û P₁``, ``V ← V̂ Q₁``,

@@ -156,13 +156,17 @@ class LayerGroup:
     current: list[int]
     """Each layer's rank before the step."""
     costs: list[int]
-    """What one kept singular value costs in each layer (1, or ``n + m + 1`` parameters)."""
+    """What one kept singular value costs in each layer (1, or ``n + m + 1`` parameters); empty
+    for rules that do not read it (:attr:`RankRule.needs_costs`)."""
     r_min: int
     r_max: int
 
 
 class RankRule:
     """Decides every layer's new rank from the singular values of all layers."""
+
+    needs_costs = False
+    """Whether :meth:`choose` reads :attr:`LayerGroup.costs` (the step skips them otherwise)."""
 
     def choose(
         self, groups: Sequence[LayerGroup], config: GeoLoRAConfig, tau: float
@@ -201,6 +205,8 @@ class GlobalTau(RankRule):
 
 class Budget(RankRule):
     """:func:`budget_ranks` with the config's exact budget (``tau`` is not used)."""
+
+    needs_costs = True
 
     def choose(self, groups, config, tau):
         flat = budget_ranks(
