@@ -364,5 +364,7 @@ def test_every_option_is_a_flag_a_config_key_and_documented():
     rules = {task: FinetuneOptions(task=task).task_base_rule for task in tasks}
     assert rules == {"classification": None, "causal-lm": "riemannian_adam_rows"}
     assert FinetuneOptions(task="causal-lm", base_rule="sgd").task_base_rule == "sgd"
+    with pytest.raises(ValueError, match=r"--base-rule: base_rule must be one of .*'sgd'"):
+        FinetuneOptions(base_rule="lion")  # checked against the base rules' registry
     options = FinetuneOptions.from_dict({"r-max": 16, "lr": 0.01, "threads": 1, "quiet": True})
     assert options.adapter == {"r_max": 16} and options.adapter_config("all-linear").r_max == 16

@@ -11,9 +11,10 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from .optim.rank_rules import TRUNCATION_MODES
+
 __all__ = ["GeoLoRAConfig"]
 
-TRUNCATION_MODES = ("local", "global")
 TASK_TYPES = (
     "SEQ_CLS",
     "SEQ_2_SEQ_LM",

@@ -147,11 +147,11 @@ class FinetuneOptions:
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 flag = "--" + name.replace("_", "-")
                 raise ValueError(f"{name} ({flag}) must be a positive integer, got {value!r}.")
-        if self.base_rule is not None and self.base_rule not in base_rules.BASE_RULES:
-            raise ValueError(
-                f"base_rule (--base-rule) must be one of {tuple(base_rules.BASE_RULES)}, got "
-                f"{self.base_rule!r}."
-            )
+        if self.base_rule is not None:
+            try:
+                base_rules.get_base_rule(self.base_rule)
+            except ValueError as err:
+                raise ValueError(f"--base-rule: {err}") from None
         if self.lr is not None and not self.lr > 0:
             raise ValueError(f"lr (--lr) must be positive, got {self.lr!r}.")
         if not 0 <= self.warmup_ratio < 1:

@@ -46,6 +46,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "RANK_RULES",
+    "TRUNCATION_MODES",
     "LayerGroup",
     "RankRule",
     "budget_ranks",
@@ -226,6 +227,8 @@ def _regroup(flat: Sequence[int], groups: Sequence[LayerGroup]) -> list[list[int
 
 RANK_RULES: dict[str, RankRule] = {"local": LocalTau(), "global": GlobalTau(), "budget": Budget()}
 """The registered rules by name."""
+TRUNCATION_MODES = tuple(name for name in RANK_RULES if name != "budget")
+"""The rules a config's ``truncation`` may name; the budget rule is picked by ``budget``."""
 
 
 def rank_rule_for(config: GeoLoRAConfig) -> RankRule:
