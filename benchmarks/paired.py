@@ -42,6 +42,18 @@ def paired_difference(
     return out
 
 
+def gap(name: str, other: str, diff: dict[str, Any]) -> str:
+    """``name − other: +x pt paired over n seed(s), 95 % interval a … b`` from
+    :func:`paired_difference` (no interval with one seed)."""
+    interval = (
+        f", {100 * diff['level']:g} % interval {diff['low']:+.2f} … {diff['high']:+.2f}"
+        if diff["low"] is not None
+        else ""
+    )
+    seeds = len(diff["seeds"])
+    return f"{name} − {other}: {diff['mean']:+.2f} pt paired over {seeds} seed(s){interval}"
+
+
 def verdict(name: str, other: str, diff: dict[str, Any], target: float, size_ratio: float) -> str:
     """One line: ``name − other`` from :func:`paired_difference`, at ``size_ratio`` × LoRA r=8's
     parameters, against a target gap of ``target`` points at ≤ 1× (met by the mean; the interval
@@ -55,13 +67,7 @@ def verdict(name: str, other: str, diff: dict[str, Any], target: float, size_rat
         seeds_say = f"the interval lies below +{target:g}: missed beyond seed noise"
     else:
         seeds_say = f"the interval contains +{target:g}: within seed noise"
-    interval = (
-        f", {100 * diff['level']:g} % interval {diff['low']:+.2f} … {diff['high']:+.2f}"
-        if diff["low"] is not None
-        else ""
-    )
     return (
-        f"- {name} − {other}: {diff['mean']:+.2f} pt paired over {len(diff['seeds'])} "
-        f"seed(s){interval}, at {size_ratio:.2f}× LoRA r=8's parameters (target "
+        f"- {gap(name, other, diff)}, at {size_ratio:.2f}× LoRA r=8's parameters (target "
         f"≥ +{target:g} pt at ≤ 1×: {'met' if met else 'missed'}; {seeds_say})."
     )

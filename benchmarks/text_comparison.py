@@ -9,7 +9,11 @@ trainable parameters at the end (GeoLoRA's at its final ranks, AdaLoRA's unmaske
 classifier included. ``head`` (the classifier alone) shows how much of the accuracy the encoder
 adaptation adds. ``geolora_budget`` is GeoLoRA with the library's defaults but an exact global
 budget of LoRA r=8's adapter parameters (``budget_unit="params"``): the largest adapter the
-targets allow, with the ranks placed by GeoLoRA.
+targets allow, with the ranks placed by GeoLoRA. Two rows tell where a gap comes from:
+``geolora_rank8`` is GeoLoRA's step at a fixed rank 8 (``r_min = r_max = 8``: no rank decision,
+LoRA r=8's size), so it against LoRA r=8 measures the step, and the defaults against it what the
+rank rule costs or saves; ``lora_r4`` is LoRA at about the defaults' size, so the defaults against
+it say whether GeoLoRA's smaller adapter beats LoRA's at that size.
 
 Targets (issue 9): GeoLoRA ≥ LoRA r=8 + 0.5 pt and ≥ AdaLoRA, at ≤ LoRA r=8's final parameters.
 The verdicts compare the methods seed by seed (a seed fixes the batch order and the head's
@@ -38,17 +42,25 @@ NAME = "text_comparison"
 GRIDS = {
     "geolora": (3e-4, 1e-3, 3e-3),
     "geolora_budget": (3e-4, 1e-3, 3e-3),
+    "geolora_rank8": (3e-4, 1e-3, 3e-3),
     "lora": (3e-4, 1e-3, 3e-3),
+    "lora_r4": (3e-4, 1e-3, 3e-3),
     "adalora": (1e-3, 3e-3, 1e-2),
     "head": (1e-2,),
 }
 LABELS = {
     "geolora": "GeoLoRA (defaults)",
     "geolora_budget": "GeoLoRA, budget = LoRA r=8's adapter params",
+    "geolora_rank8": "GeoLoRA, fixed rank 8 (no rank rule)",
     "lora": "LoRA r=8",
+    "lora_r4": "LoRA r=4",
     "adalora": "AdaLoRA 12→8",
 }
 GEOLORA_ROWS = ("geolora", "geolora_budget")
+"""The rows issue 9's targets are checked for."""
+DIAGNOSTICS = (("geolora_rank8", "lora"), ("geolora", "geolora_rank8"), ("geolora", "lora_r4"))
+"""The paired gaps that say where a target row's gap comes from (row, against)."""
+FIXED_RANK = 8
 SEEDS = (0, 1, 2)
 SELECT_SEEDS = (0, 1, 2)
 
@@ -66,6 +78,10 @@ def lora_adapter_params(top_layers: int) -> int:
 def method_and_hyper(row: str, setup: minilm.Setup) -> tuple[str, dict[str, Any]]:
     """The method a table row trains and its hyper-parameters besides lr and seed. GeoLoRA names
     its default initial rank, so its runs share the cache with init_rank's."""
+    if row == "lora_r4":
+        return "lora", {"r": 4}
+    if row == "geolora_rank8":
+        return "geolora", {"r": FIXED_RANK, "r_min": FIXED_RANK, "r_max": FIXED_RANK}
     if row not in GEOLORA_ROWS:
         return row, {}
     hyper = {"r": geolora_defaults()["r"]}
@@ -87,7 +103,7 @@ def compare(
     accuracy wins), then the chosen lr at every one of ``seeds``, all under the lr ``schedule``
     (run options of :func:`common.schedule_lr_as_asked`)."""
     grid = GRIDS[row][:1] if smoke else GRIDS[row]
-    if row in GEOLORA_ROWS and not smoke:
+    if row.startswith("geolora") and not smoke:
         grid = tuple(sorted({*grid, geolora_defaults()["lr"]}))
     method, hyper = method_and_hyper(row, setup)
     hyper = {**hyper, **schedule}
@@ -161,7 +177,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             f"{common.fmt_acc(accs)} ({len(accs)}) | {params:,.0f} | "
             f"{f'{_mean(ranks):.0f}' if ranks else ''} |"
         )
-    lines += ["", *verdicts(summary)]
+    lines += ["", *verdicts(summary), *diagnostics(summary)]
     payload = {"majority": majority, "summary": summary}
     common.publish(NAME, "Real-task comparison", lines, payload, args)
     return payload
@@ -185,6 +201,21 @@ def verdicts(summary: dict[str, dict[str, Any]]) -> list[str]:
                 )
                 ratio = geo["params"] / lora["params"]
                 out.append(paired.verdict(LABELS[row], name, diff, target, ratio))
+    return out
+
+
+def diagnostics(summary: dict[str, dict[str, Any]]) -> list[str]:
+    """The paired gaps of :data:`DIAGNOSTICS` whose rows both ran, each with the size ratio."""
+    out = []
+    for row, other in DIAGNOSTICS:
+        if row in summary and other in summary:
+            a, b = summary[row], summary[other]
+            diff = paired.paired_difference(a["test_acc_by_seed"], b["test_acc_by_seed"])
+            ratio = a["params"] / b["params"]
+            out.append(
+                f"- {paired.gap(LABELS[row], LABELS[other], diff)}, at {ratio:.2f}× "
+                f"{LABELS[other]}'s parameters."
+            )
     return out
 
 

@@ -316,8 +316,14 @@ def test_real_task_tables_adapt_all_six_layers(smoke_out):
         layers = init_rank.per_layer(run["ranks"])
         assert len(layers) == 6 and sum(layers) == run["total_rank"]
     summary = json.loads((smoke_out / "text_comparison.json").read_text())["summary"]
-    assert set(summary) == {"geolora", "geolora_budget", "lora", "adalora", "head"}
+    rows = {"geolora", "geolora_budget", "geolora_rank8", "lora", "lora_r4", "adalora", "head"}
+    assert set(summary) == rows
     assert summary["head"]["params"] == 2 * 384 + 2
+    assert summary["geolora_rank8"]["total_rank"] == 36 * 8  # fixed: no rank decision
+    lora_adapters = {
+        r: summary[r]["params"] - summary["head"]["params"] for r in ("lora", "lora_r4")
+    }
+    assert lora_adapters["lora"] == 2 * lora_adapters["lora_r4"]
     assert all(len(s["test_accs"]) == 2 for s in summary.values())
     assert all(set(s["test_acc_by_seed"]) == {"0", "1"} for s in summary.values())
     # the budget row holds GeoLoRA to LoRA r=8's adapter parameters (plus the head)
@@ -366,6 +372,25 @@ def test_comparison_verdicts_pair_the_seeds_and_need_size():
     extra = summary([0.81, 0.80, 0.82])
     extra["geolora"]["test_acc_by_seed"][7] = 0.0
     assert "+1.00 pt paired over 3 seed(s)" in text_comparison.verdicts(extra)[0]
+
+
+def test_diagnostics_pair_each_row_with_its_reference_and_skip_missing_rows():
+    import text_comparison
+
+    def row(accs, params):
+        return {"params": params, "test_acc_by_seed": dict(enumerate(accs))}
+
+    summary = {
+        "geolora": row([0.76, 0.77, 0.75], 500),
+        "geolora_rank8": row([0.78, 0.78, 0.76], 1000),
+        "lora": row([0.77, 0.79, 0.77], 1000),
+    }
+    lines = text_comparison.diagnostics(summary)
+    assert len(lines) == 2  # no LoRA r=4 row: its line is left out
+    assert lines[0].startswith("- GeoLoRA, fixed rank 8 (no rank rule) − LoRA r=8: -0.33 pt")
+    assert lines[0].endswith("at 1.00× LoRA r=8's parameters.")
+    assert "− GeoLoRA, fixed rank 8 (no rank rule): -1.33 pt paired over 3 seed(s)" in lines[1]
+    assert "at 0.50×" in lines[1]
 
 
 def test_paired_difference_interval():
