@@ -18,7 +18,9 @@ last hidden states (:mod:`planted`). Methods, each run once (seed 0):
   an exact budget of the planted parameters and at a fixed rank 8, the default rule, and LoRA r=8;
 * peft LoRA r = 4 / 8 / 16 (``lora_alpha = 2r``, AdamW);
 * peft AdaLoRA from ``init_r = 32`` to ``target_r = ⌊planted total rank / 36⌋`` (its budget is
-  ``target_r`` per module on average, the largest one within the planted total);
+  ``target_r`` per module on average, the largest one within the planted total), and from
+  ``init_r = target_r + 1`` (nearly a fixed rank: AdaLoRA's SVD-form factors without much of a
+  rank schedule);
 * peft LoRA r = 32, then truncated by peft's own ``convert_to_lora`` / ``save_as_lora``
   (``peft.tuners.lora.conversion``) to the planted total rank: with an energy threshold (the
   largest threshold whose total rank fits the planted total, found by bisection; ranks then
@@ -105,6 +107,8 @@ def specs(
     adalora = {"init_r": 32, "target_r": target_r, "lora_alpha": 64.0, "lr": ADALORA_LR}
     rows.append((f"AdaLoRA 32→{target_r}", "adalora", adalora))
     rows.append((f"AdaLoRA 32→{target_r}, {sched}", "adalora", {**adalora, **decay}))
+    nearly_fixed = {**adalora, "init_r": target_r + 1, "lora_alpha": 2.0 * (target_r + 1)}
+    rows.append((f"AdaLoRA {target_r + 1}→{target_r}", "adalora", nearly_fixed))
     rows.append(
         ("LoRA r=32", "lora", {"r": 32, "lora_alpha": 64.0, "lr": LORA_LR, "truncate": True})
     )
