@@ -146,9 +146,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "",
         f"Always answering the majority class scores {100 * majority:.1f} % on the test set. "
         "GeoLoRA runs with the library's defaults (initial rank, r_max, τ, scale, base rule; "
-        "the budget row replaces τ by an exact global budget of LoRA r=8's adapter parameters); "
-        "LoRA r=8 and AdaLoRA (init_r 12 → target_r 8, tinit 10 % / tfinal 20 % of the steps) "
-        "with lora_alpha 16 and AdamW.",
+        "the budget row replaces τ by an exact global budget of LoRA r=8's adapter parameters, "
+        "the fixed-rank row sets r = r_min = r_max = 8); LoRA r=8, LoRA r=4 and AdaLoRA "
+        "(init_r 12 → target_r 8, tinit 10 % / tfinal 20 % of the steps) with lora_alpha 16 "
+        "(as peft users keep it when they change r) and AdamW.",
         "",
         "| method | lr (sweep: mean val acc %) | test acc (%), seeds | final trainable params "
         "| final total rank |",
