@@ -15,6 +15,13 @@ LEVEL = 0.95
 ACCURACY_TARGETS = (("lora", "LoRA r=8", 0.5), ("adalora", "AdaLoRA", 0.0))
 """Issue 9's accuracy targets, each at ≤ LoRA r=8's parameters: (baseline method, its name, the
 gap in points GeoLoRA must reach)."""
+TARGET_ROWS = ("geolora", "geolora_budget")
+"""The GeoLoRA rows the targets are checked for: the defaults, and an exact budget of LoRA r=8's
+adapter parameters."""
+DIAGNOSTICS = (("geolora_rank8", "lora"), ("geolora", "geolora_rank8"), ("geolora", "lora_r4"))
+"""The paired gaps that say where a target row's gap comes from, as (row, against): GeoLoRA's step
+at a fixed rank 8 against LoRA r=8 (the step alone), the defaults against that fixed rank (what the
+rank rule costs or saves), the defaults against LoRA r=4 (LoRA at about the defaults' size)."""
 
 
 def paired_difference(
@@ -71,3 +78,32 @@ def verdict(name: str, other: str, diff: dict[str, Any], target: float, size_rat
         f"- {gap(name, other, diff)}, at {size_ratio:.2f}× LoRA r=8's parameters (target "
         f"≥ +{target:g} pt at ≤ 1×: {'met' if met else 'missed'}; {seeds_say})."
     )
+
+
+def target_verdicts(
+    accs: dict[str, dict[int, float]], params: dict[str, float], labels: dict[str, str]
+) -> list[str]:
+    """:func:`verdict` for every row of :data:`TARGET_ROWS` against every baseline of
+    :data:`ACCURACY_TARGETS` that ran; ``accs`` maps a row to its test accuracy by seed,
+    ``params`` to its mean final parameters (the size ratio is against LoRA r=8's)."""
+    if "lora" not in accs:
+        return []
+    out = []
+    for row in (r for r in TARGET_ROWS if r in accs):
+        for other, name, target in (t for t in ACCURACY_TARGETS if t[0] in accs):
+            diff = paired_difference(accs[row], accs[other])
+            out.append(verdict(labels[row], name, diff, target, params[row] / params["lora"]))
+    return out
+
+
+def diagnostic_gaps(
+    accs: dict[str, dict[int, float]], params: dict[str, float], labels: dict[str, str]
+) -> list[str]:
+    """The paired gaps of :data:`DIAGNOSTICS` whose rows both ran, each with its size ratio
+    (``accs``, ``params`` as in :func:`target_verdicts`)."""
+    return [
+        f"- {gap(labels[row], labels[other], paired_difference(accs[row], accs[other]))}, at "
+        f"{params[row] / params[other]:.2f}× {labels[other]}'s parameters."
+        for row, other in DIAGNOSTICS
+        if row in accs and other in accs
+    ]

@@ -56,10 +56,6 @@ LABELS = {
     "lora_r4": "LoRA r=4",
     "adalora": "AdaLoRA 12→8",
 }
-GEOLORA_ROWS = ("geolora", "geolora_budget")
-"""The rows issue 9's targets are checked for."""
-DIAGNOSTICS = (("geolora_rank8", "lora"), ("geolora", "geolora_rank8"), ("geolora", "lora_r4"))
-"""The paired gaps that say where a target row's gap comes from (row, against)."""
 FIXED_RANK = 8
 SEEDS = (0, 1, 2)
 SELECT_SEEDS = (0, 1, 2)
@@ -82,7 +78,7 @@ def method_and_hyper(row: str, setup: minilm.Setup) -> tuple[str, dict[str, Any]
         return "lora", {"r": 4}
     if row == "geolora_rank8":
         return "geolora", {"r": FIXED_RANK, "r_min": FIXED_RANK, "r_max": FIXED_RANK}
-    if row not in GEOLORA_ROWS:
+    if row not in paired.TARGET_ROWS:
         return row, {}
     hyper = {"r": geolora_defaults()["r"]}
     if row == "geolora_budget":
@@ -178,46 +174,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             f"{common.fmt_acc(accs)} ({len(accs)}) | {params:,.0f} | "
             f"{f'{_mean(ranks):.0f}' if ranks else ''} |"
         )
-    lines += ["", *verdicts(summary), *diagnostics(summary)]
+    accs = {row: res["test_acc_by_seed"] for row, res in summary.items()}
+    params = {row: res["params"] for row, res in summary.items()}
+    lines += ["", *paired.target_verdicts(accs, params, LABELS)]
+    lines += paired.diagnostic_gaps(accs, params, LABELS)
     payload = {"majority": majority, "summary": summary}
     common.publish(NAME, "Real-task comparison", lines, payload, args)
     return payload
-
-
-def verdicts(summary: dict[str, dict[str, Any]]) -> list[str]:
-    """Issue 9's accuracy targets for every GeoLoRA row, against LoRA r=8 (≥ +0.5 pt) and
-    AdaLoRA (≥ 0), each at ≤ LoRA r=8's parameters; the gaps are paired by seed
-    (:func:`paired.paired_difference` of each row's ``test_acc_by_seed``)."""
-    lora, out = summary.get("lora"), []
-    if lora is None:
-        return out
-    for row in GEOLORA_ROWS:
-        geo = summary.get(row)
-        if geo is None:
-            continue
-        for other, name, target in paired.ACCURACY_TARGETS:
-            if other in summary:
-                diff = paired.paired_difference(
-                    geo["test_acc_by_seed"], summary[other]["test_acc_by_seed"]
-                )
-                ratio = geo["params"] / lora["params"]
-                out.append(paired.verdict(LABELS[row], name, diff, target, ratio))
-    return out
-
-
-def diagnostics(summary: dict[str, dict[str, Any]]) -> list[str]:
-    """The paired gaps of :data:`DIAGNOSTICS` whose rows both ran, each with the size ratio."""
-    out = []
-    for row, other in DIAGNOSTICS:
-        if row in summary and other in summary:
-            a, b = summary[row], summary[other]
-            diff = paired.paired_difference(a["test_acc_by_seed"], b["test_acc_by_seed"])
-            ratio = a["params"] / b["params"]
-            out.append(
-                f"- {paired.gap(LABELS[row], LABELS[other], diff)}, at {ratio:.2f}× "
-                f"{LABELS[other]}'s parameters."
-            )
-    return out
 
 
 if __name__ == "__main__":

@@ -162,9 +162,10 @@ def prepare(
     seed: int,
     geolora: dict,
     steps: int = 300,
+    lora_r: int = 8,
 ) -> tuple[nn.Module, torch.optim.Optimizer]:
     """A copy of ``base`` with a new seeded head, set up for ``method`` (AdaLoRA's budget schedule
-    spans ``steps``), and its optimizer."""
+    spans ``steps``; LoRA's rank is ``lora_r``), and its optimizer."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}.")
     model = copy.deepcopy(base)
@@ -180,7 +181,7 @@ def prepare(
 
         shared = dict(lora_alpha=16, target_modules=TARGETS, modules_to_save=["classifier"])
         if method == "lora":
-            config = LoraConfig(r=8, **shared)
+            config = LoraConfig(r=lora_r, **shared)
         else:
             tinit, tfinal = max(1, steps // 10), max(1, steps // 5)
             if tinit + tfinal >= steps:
@@ -206,12 +207,13 @@ def adapt(
     seed: int = 0,
     geolora: dict | None = None,
     warmup: int = 0,
+    lora_r: int = 8,
 ) -> dict:
     """Adapt ``base`` to ``data["train"]`` with ``method`` (lr warm-up over ``warmup`` steps, then
-    linear decay); returns lr, seed, final train loss, validation and test accuracy, trainable
-    parameters, seconds, and GeoLoRA's final ranks."""
+    linear decay; LoRA at rank ``lora_r``); returns lr, seed, final train loss, validation and
+    test accuracy, trainable parameters, seconds, and GeoLoRA's final ranks."""
     geolora = geolora if geolora is not None else dict(r=8, r_max=32, tau=0.1, lora_alpha=16)
-    model, optimizer = prepare(method, base, lr, seed, geolora, steps)
+    model, optimizer = prepare(method, base, lr, seed, geolora, steps, lora_r)
     allocate = model.base_model.update_and_allocate if method == "adalora" else None
     start = time.perf_counter()
     loss = train(
