@@ -17,9 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import common  # noqa: E402
 import methods  # noqa: E402
 import minilm  # noqa: E402
-import paired  # noqa: E402
 import run_all  # noqa: E402
-import vision_transfer  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -123,13 +121,6 @@ def test_config_key_separates_configurations():
     assert len({a, c, d}) == 3
 
 
-def test_vision_lr_is_chosen_on_the_mean_over_seeds_not_on_seed_0():
-    vals = {1e-2: [0.90, 0.70, 0.70], 3e-2: [0.85, 0.85, 0.85], 1e-1: [0.85, 0.85, 0.85]}
-    runs = [dict(lr=lr, seed=s, val_acc=v) for lr, accs in vals.items() for s, v in enumerate(accs)]
-    assert vision_transfer.mean_val_by_lr(runs)[1e-2] == pytest.approx(2.3 / 3)
-    assert vision_transfer.best_lr(runs) == 3e-2  # seed 0 alone would pick 1e-2; ties: smaller
-
-
 def test_sweep_lr_is_chosen_on_the_mean_over_seeds_and_skips_lrs_where_a_seed_diverged(
     monkeypatch,
 ):
@@ -147,74 +138,6 @@ def test_sweep_lr_is_chosen_on_the_mean_over_seeds_and_skips_lrs_where_a_seed_di
     assert len(runs) == 9
     assert common.mean_val_by_lr(runs)[3e-4] == pytest.approx(2.2 / 3)
     assert common.best_lr("lora", {}, grid, minilm.SMOKE, Path("unused"))[0] == 3e-4
-
-
-def test_vision_budget_row_holds_geolora_to_lora_r8s_adapter_size():
-    vision = vision_transfer.load_example()
-    base = vision.build_vit()
-    # 4 layers × (q, k, v: 64 × 64; fc1, fc2: 64 ↔ 128) at r = 8
-    assert vision_transfer.lora_adapter_params(base, vision.TARGETS) == 4 * 8 * (3 * 128 + 2 * 192)
-    rows = vision_transfer.rows(vision, base, {"tau": 0.2})
-    assert list(rows)[: len(vision.METHODS)] == list(vision.METHODS)
-    assert rows["geolora"] == ("geolora", {"tau": 0.2})
-    assert rows["lora"] == ("lora", {})
-    assert rows["geolora_budget"] == (
-        "geolora",
-        {"tau": 0.2, "budget": 24_576, "budget_unit": "params"},
-    )
-    # the diagnostic rows: GeoLoRA's step at a fixed rank 8, LoRA at half LoRA r=8's rank
-    assert rows["geolora_rank8"] == ("geolora", {"tau": 0.2, "r": 8, "r_min": 8, "r_max": 8})
-    assert rows["lora_r4"] == ("lora", {"r": 4})
-
-
-def test_vision_runs_are_cached_by_configuration(tmp_path):
-    calls = []
-
-    class FakeVision:
-        @staticmethod
-        def adapt(method, **kw):
-            calls.append((method, kw["lr"], kw["seed"], kw.get("lora_r"), kw.get("geolora")))
-            return {"lr": kw["lr"], "seed": kw["seed"], "test_acc": 0.5}
-
-    setup = vision_transfer.Setup(base="abc", steps=3, batch_size=4, warmup=0)
-    lora4 = vision_transfer.adapt_cached(FakeVision, setup, tmp_path, "lora", {"r": 4}, 1e-2, 0)
-    again = vision_transfer.adapt_cached(FakeVision, setup, tmp_path, "lora", {"r": 4}, 1e-2, 0)
-    assert calls == [("lora", 1e-2, 0, 4, None)] and again == lora4  # read back, not rerun
-    vision_transfer.adapt_cached(FakeVision, setup, tmp_path, "lora", {}, 1e-2, 0)
-    other_base = vision_transfer.Setup(base="def", steps=3, batch_size=4, warmup=0)
-    vision_transfer.adapt_cached(FakeVision, other_base, tmp_path, "lora", {"r": 4}, 1e-2, 0)
-    vision_transfer.adapt_cached(FakeVision, setup, tmp_path, "geolora", {"r": 8}, 1e-2, 1)
-    assert calls[1:] == [
-        ("lora", 1e-2, 0, 8, None),  # LoRA r=8 is another run
-        ("lora", 1e-2, 0, 4, None),  # so is another pretrained ViT
-        ("geolora", 1e-2, 1, None, {"r": 8}),
-    ]
-    assert len(list((tmp_path / "runs").glob("*.json"))) == 4
-
-
-def test_vision_verdicts_pair_the_seeds():
-    def runs(accs, params):
-        return [dict(seed=s, test_acc=a, trainable_params=params) for s, a in enumerate(accs)]
-
-    final = {
-        "geolora": runs([0.90, 0.91, 0.92], 15_000),
-        "geolora_budget": runs([0.88, 0.89, 0.93], 30_000),
-        "lora": runs([0.89, 0.90, 0.91], 25_000),
-        "adalora": runs([0.88, 0.89, 0.90], 24_000),
-    }
-    lines = vision_transfer.verdict_lines(final)
-    assert len(lines) == 4  # no diagnostic rows ran: no diagnostic lines
-    assert lines[0].startswith("- GeoLoRA − LoRA r=8: +1.00 pt paired over 3 seed(s)")
-    assert (
-        "at 0.60× LoRA r=8's parameters" in lines[0] and "met; the interval lies above" in lines[0]
-    )
-    assert lines[1].startswith("- GeoLoRA − AdaLoRA: +2.00 pt")
-    assert "1.20×" in lines[2] and "missed" in lines[2]  # larger than LoRA r=8
-    final["lora_r4"] = runs([0.88, 0.88, 0.88], 12_500)
-    assert vision_transfer.verdict_lines(final)[4] == (
-        "- GeoLoRA − LoRA r=4 (peft): +3.00 pt paired over 3 seed(s), 95 % interval "
-        "+0.52 … +5.48, at 1.20× LoRA r=4 (peft)'s parameters."
-    )
 
 
 def test_bad_method_and_missing_lr_are_refused():
@@ -371,68 +294,6 @@ def test_budget_row_is_lora_r8s_adapter_size():
     method, hyper = text_comparison.method_and_hyper("geolora_budget", minilm.REAL_TASK)
     assert method == "geolora" and hyper["budget_unit"] == "params"
     assert hyper["budget"] == 331_776
-
-
-def test_target_verdicts_pair_the_seeds_and_need_size():
-    labels = {"geolora": "G", "geolora_rank8": "G8", "lora": "L8", "lora_r4": "L4"}
-
-    def tables(geo_accs, geo_params=900):
-        accs = {
-            "geolora": dict(enumerate(geo_accs)),
-            "lora": {0: 0.80, 1: 0.79, 2: 0.81},
-            "adalora": {0: 0.795, 1: 0.785, 2: 0.805},
-        }
-        return accs, {"geolora": geo_params, "lora": 1000, "adalora": 1100}, labels
-
-    # +1 pt on every seed: met and confirmed against both
-    lora_line, ada_line = paired.target_verdicts(*tables([0.81, 0.80, 0.82]))
-    assert lora_line.startswith("- G − LoRA r=8: +1.00 pt paired over 3 seed(s)")
-    assert "met; the interval lies above +0.5: confirmed" in lora_line
-    assert "met; the interval lies above +0: confirmed" in ada_line
-    # the same accuracy at a larger size misses
-    assert all(
-        "missed" in line for line in paired.target_verdicts(*tables([0.81, 0.80, 0.82], 1200))
-    )
-    # a mean gap above +0.5 pt whose seeds disagree: met by the mean, within seed noise
-    noisy = paired.target_verdicts(*tables([0.825, 0.78, 0.811]))[0]
-    assert "+0.53 pt" in noisy and "met; the interval contains +0.5: within seed noise" in noisy
-    # −1 pt on every seed: missed beyond noise
-    worse = paired.target_verdicts(*tables([0.79, 0.78, 0.80]))[0]
-    assert "missed; the interval lies below +0.5: missed beyond seed noise" in worse
-    # seeds that only one method ran are left out of the pairing
-    accs, params, _ = tables([0.81, 0.80, 0.82])
-    accs["geolora"][7] = 0.0
-    assert "+1.00 pt paired over 3 seed(s)" in paired.target_verdicts(accs, params, labels)[0]
-    # no LoRA r=8 row: nothing to size the targets against
-    del accs["lora"]
-    assert paired.target_verdicts(accs, params, labels) == []
-
-
-def test_diagnostics_pair_each_row_with_its_reference_and_skip_missing_rows():
-    import text_comparison
-
-    accs = {
-        "geolora": {0: 0.76, 1: 0.77, 2: 0.75},
-        "geolora_rank8": {0: 0.78, 1: 0.78, 2: 0.76},
-        "lora": {0: 0.77, 1: 0.79, 2: 0.77},
-    }
-    params = {"geolora": 500, "geolora_rank8": 1000, "lora": 1000}
-    lines = paired.diagnostic_gaps(accs, params, text_comparison.LABELS)
-    assert len(lines) == 2  # no LoRA r=4 row: its line is left out
-    assert lines[0].startswith("- GeoLoRA, fixed rank 8 (no rank rule) − LoRA r=8: -0.33 pt")
-    assert lines[0].endswith("at 1.00× LoRA r=8's parameters.")
-    assert "− GeoLoRA, fixed rank 8 (no rank rule): -1.33 pt paired over 3 seed(s)" in lines[1]
-    assert "at 0.50×" in lines[1]
-
-
-def test_paired_difference_interval():
-    diff = paired.paired_difference({0: 0.80, 1: 0.82, 2: 0.84}, {0: 0.79, 1: 0.80, 2: 0.81})
-    assert diff["diffs"] == pytest.approx([1.0, 2.0, 3.0])
-    assert diff["mean"] == pytest.approx(2.0) and diff["std"] == pytest.approx(1.0)
-    half = 4.302652729911275 / 3**0.5  # t_{0.975, 2} · std / √n
-    assert (diff["low"], diff["high"]) == pytest.approx((2.0 - half, 2.0 + half))
-    single = paired.paired_difference({0: 0.8}, {0: 0.7, 1: 0.7})
-    assert single["mean"] == pytest.approx(10.0) and single["low"] is None
 
 
 def test_command_names_the_options_that_differ_from_the_defaults(tmp_path):
