@@ -18,10 +18,16 @@ gap in points GeoLoRA must reach)."""
 TARGET_ROWS = ("geolora", "geolora_budget")
 """The GeoLoRA rows the targets are checked for: the defaults, and an exact budget of LoRA r=8's
 adapter parameters."""
-DIAGNOSTICS = (("geolora_rank8", "lora"), ("geolora", "geolora_rank8"), ("geolora", "lora_r4"))
+DIAGNOSTICS = (
+    ("geolora_rank8", "lora"),
+    ("geolora", "geolora_rank8"),
+    ("geolora", "lora_r4"),
+    ("geolora_budget", "geolora_rank8"),
+)
 """The paired gaps that say where a target row's gap comes from, as (row, against): GeoLoRA's step
 at a fixed rank 8 against LoRA r=8 (the step alone), the defaults against that fixed rank (what the
-rank rule costs or saves), the defaults against LoRA r=4 (LoRA at about the defaults' size)."""
+rank rule costs or saves), the defaults against LoRA r=4 (LoRA at about the defaults' size), and
+the budget row against the fixed rank (the same size, ranks placed by the rule or uniform)."""
 
 
 def paired_difference(

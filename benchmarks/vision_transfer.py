@@ -160,6 +160,7 @@ def run(args: argparse.Namespace, vision) -> dict:
     data = vision.load_mnist_5k(seed=0)
     geolora = {} if args.tau is None else {"tau": args.tau}  # otherwise the library's defaults
     setup = Setup(weights_hash(args.pretrained_dir), args.steps, args.batch_size, args.warmup)
+    cached_before = len(list((args.out / "runs").glob("*.json")))
     sweep, final = [], {}
     for row, (method, options) in rows(vision, base, geolora).items():
         runs = [
@@ -176,10 +177,12 @@ def run(args: argparse.Namespace, vision) -> dict:
         best = best_lr(runs)
         final[row] = [r for r in runs if r["lr"] == best]
         print(f"{row}: lr {best:g}, test {[r['test_acc'] for r in final[row]]}", flush=True)
+    trained = len(list((args.out / "runs").glob("*.json"))) - cached_before
     return dict(
         pretrain=pretrain,
         sweep=sweep,
         final=final,
+        trained=trained,
         steps=args.steps,
         batch_size=args.batch_size,
         warmup=args.warmup,
@@ -206,7 +209,9 @@ def markdown(results: dict, command: str, minutes: float) -> str:
         "# Small-ViT transfer: Fashion-MNIST → MNIST-5k",
         "",
         f"Command: `{command}` ({minutes:.1f} min on {platform.machine()}, "
-        f"{torch.get_num_threads()} torch thread(s), torch {torch.__version__}).",
+        f"{torch.get_num_threads()} torch thread(s), torch {torch.__version__}; "
+        f"{results['trained']} of {len(results['sweep'])} runs trained, the others read from "
+        "the run cache with the seconds they took then).",
         "",
         f"Pretrained ViT ({pre['settings']['vit']['num_hidden_layers']} layers, width "
         f"{pre['settings']['vit']['hidden_size']}, patch {pre['settings']['vit']['patch_size']}): "

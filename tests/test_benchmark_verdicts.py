@@ -151,3 +151,49 @@ def test_paired_difference_interval():
     assert (diff["low"], diff["high"]) == pytest.approx((2.0 - half, 2.0 + half))
     single = paired.paired_difference({0: 0.8}, {0: 0.7, 1: 0.7})
     assert single["mean"] == pytest.approx(10.0) and single["low"] is None
+
+
+def test_vision_table_says_how_many_runs_it_trained_and_prints_the_diagnostics():
+    def run(row, lr, seed, acc, params, **extra):
+        return dict(
+            row=row,
+            lr=lr,
+            seed=seed,
+            val_acc=acc,
+            test_acc=acc,
+            seconds=1.0,
+            trainable_params=params,
+            **extra,
+        )
+
+    ranks = {"vit.encoder.0.q_proj": 5, "vit.encoder.0.fc1": 7}
+    geo = dict(total_rank=12, ranks=ranks, geolora={})
+    accs = {"head": 0.6, "lora": 0.9, "geolora": 0.88, "geolora_rank8": 0.89, "lora_r4": 0.87}
+    params = {"head": 650, "lora": 25_000, "geolora": 18_000, "geolora_rank8": 25_000}
+    params["lora_r4"] = 12_500
+    final = {
+        row: [
+            run(row, 1e-2, s, acc + s / 1000, params[row], **(geo if "geo" in row else {}))
+            for s in range(3)
+        ]
+        for row, acc in accs.items()
+    }
+    results = dict(
+        pretrain=dict(
+            settings=dict(vit=dict(num_hidden_layers=1, hidden_size=8, patch_size=7)),
+            steps=1,
+            fashion_test_acc=0.5,
+            seconds=1.0,
+        ),
+        sweep=[r for runs in final.values() for r in runs],
+        final=final,
+        steps=3,
+        batch_size=4,
+        warmup=0,
+        trained=5,
+    )
+    text = vision_transfer.markdown(results, "python benchmarks/vision_transfer.py", 0.5)
+    assert "5 of 15 runs trained, the others read from the run cache" in text
+    assert "| GeoLoRA, fixed rank 8 (no rank rule) | 0.01 | 0.8910 ± 0.0010 | 25,000 |" in text
+    assert "- GeoLoRA, fixed rank 8 (no rank rule) − LoRA r=8 (peft): -1.00 pt" in text
+    assert "- GeoLoRA − LoRA r=4 (peft): +1.00 pt" in text and "at 1.44× LoRA r=4" in text
