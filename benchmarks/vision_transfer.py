@@ -8,9 +8,10 @@ accuracy (1 000 digits) as mean ± standard deviation over the seeds, trainable 
 end of training (GeoLoRA's and AdaLoRA's at their final ranks) and seconds per run. GeoLoRA runs
 with the library's defaults (``--tau`` overrides τ); the row ``geolora_budget`` replaces τ by an
 exact global budget of LoRA r=8's adapter parameters (``budget_unit="params"``), the largest
-adapter issue 9's targets allow. Two diagnostic rows say where a gap comes from
+adapter issue 9's targets allow. Diagnostic rows say where a gap comes from
 (:data:`paired.DIAGNOSTICS`): ``geolora_rank8`` is GeoLoRA's step at a fixed rank 8 (LoRA r=8's
-size, no rank decision) and ``lora_r4`` LoRA at about the defaults' size. Everything else is
+size, no rank decision), ``geolora_rank8_features`` the same with the optional base rule
+``riemannian_adam_features``, and ``lora_r4`` LoRA at about the defaults' size. Everything else is
 identical across methods: data split, steps, batch order, head initialisation and schedule.
 GeoLoRA is compared with LoRA r=8 and AdaLoRA seed by seed (:mod:`paired`).
 
@@ -54,6 +55,7 @@ LABELS = {
     "geolora_budget": "GeoLoRA, budget = LoRA r=8's adapter params",
     "geolora_rank8": "GeoLoRA, fixed rank 8 (no rank rule)",
     "lora_r4": "LoRA r=4 (peft)",
+    "geolora_rank8_features": "GeoLoRA, fixed rank 8, riemannian_adam_features",
 }
 
 
@@ -100,14 +102,16 @@ def lora_adapter_params(base: nn.Module, targets: Sequence[str], r: int = 8) -> 
 def rows(vision, base: nn.Module, geolora: dict) -> dict[str, tuple[str, dict]]:
     """Each table row's method and options (GeoLoRA's config options, LoRA's ``r``): the
     example's methods, GeoLoRA held to LoRA r=8's adapter parameters by an exact global budget,
-    and the two diagnostic rows of :data:`paired.DIAGNOSTICS` (GeoLoRA's step at a fixed rank
-    8, LoRA r=4)."""
+    and the diagnostic rows of :data:`paired.DIAGNOSTICS` (GeoLoRA's step at a fixed rank 8,
+    with the default base rule and with ``riemannian_adam_features``; LoRA r=4)."""
     budget = {"budget": lora_adapter_params(base, vision.TARGETS), "budget_unit": "params"}
     fixed = {"r": FIXED_RANK, "r_min": FIXED_RANK, "r_max": FIXED_RANK}
     out = {method: (method, geolora if method == "geolora" else {}) for method in vision.METHODS}
     out["geolora_budget"] = ("geolora", {**geolora, **budget})
     out["geolora_rank8"] = ("geolora", {**geolora, **fixed})
     out["lora_r4"] = ("lora", {"r": 4})
+    features = {"base_rule": "riemannian_adam_features"}
+    out["geolora_rank8_features"] = ("geolora", {**geolora, **fixed, **features})
     return out
 
 
@@ -128,7 +132,9 @@ def weights_hash(directory: Path) -> str:
     return hashlib.sha1((directory / "model.safetensors").read_bytes()).hexdigest()[:16]
 
 
-def adapt_cached(vision, setup: Setup, out: Path, method: str, options: dict, lr, seed, **kw):
+def adapt_cached(
+    vision, setup: Setup, out: Path, method: str, options: dict, lr: float, seed: int, **kw
+) -> dict:
     """One run of ``method`` with ``options`` at ``lr`` and ``seed``, cached under ``out/runs``
     by its configuration (:func:`common.cached`; a GeoLoRA run's key holds the library's source)."""
 

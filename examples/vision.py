@@ -165,7 +165,8 @@ def prepare(
     lora_r: int = 8,
 ) -> tuple[nn.Module, torch.optim.Optimizer]:
     """A copy of ``base`` with a new seeded head, set up for ``method`` (AdaLoRA's budget schedule
-    spans ``steps``; LoRA's rank is ``lora_r``), and its optimizer."""
+    spans ``steps``; LoRA's rank is ``lora_r``; ``geolora`` holds GeoLoRA's config options and
+    optionally the optimizer's ``base_rule``), and its optimizer."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}.")
     model = copy.deepcopy(base)
@@ -192,9 +193,11 @@ def prepare(
         model = get_peft_model(model, config)
         params = [p for p in model.parameters() if p.requires_grad]
         return model, torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    config = GeoLoRAConfig(target_modules=TARGETS, modules_to_save=["classifier"], **geolora)
+    options = dict(geolora)
+    rule = {"base_rule": options.pop("base_rule")} if "base_rule" in options else {}
+    config = GeoLoRAConfig(target_modules=TARGETS, modules_to_save=["classifier"], **options)
     model = get_geolora_model(model, config)
-    return model, GeoLoRAOptimizer(model, lr=lr, weight_decay=0.0)
+    return model, GeoLoRAOptimizer(model, lr=lr, weight_decay=0.0, **rule)
 
 
 def adapt(

@@ -39,6 +39,16 @@ def test_vision_budget_row_holds_geolora_to_lora_r8s_adapter_size():
     # the diagnostic rows: GeoLoRA's step at a fixed rank 8, LoRA at half LoRA r=8's rank
     assert rows["geolora_rank8"] == ("geolora", {"tau": 0.2, "r": 8, "r_min": 8, "r_max": 8})
     assert rows["lora_r4"] == ("lora", {"r": 4})
+    assert rows["geolora_rank8_features"] == (
+        "geolora",
+        {"tau": 0.2, "r": 8, "r_min": 8, "r_max": 8, "base_rule": "riemannian_adam_features"},
+    )
+    # the example hands the base rule to the optimizer and the rest to the config
+    model, optimizer = vision.prepare(
+        "geolora", base, 1e-2, 0, dict(rows["geolora_rank8_features"][1]), steps=3
+    )
+    assert optimizer.param_groups[0]["base_rule"] == "riemannian_adam_features"
+    assert optimizer.config.r == optimizer.config.r_min == optimizer.config.r_max == 8
 
 
 def test_vision_runs_are_cached_by_configuration(tmp_path):
