@@ -11,7 +11,8 @@ exact global budget of LoRA r=8's adapter parameters (``budget_unit="params"``),
 adapter issue 9's targets allow. Diagnostic rows say where a gap comes from
 (:data:`paired.DIAGNOSTICS`): ``geolora_rank8`` is GeoLoRA's step at a fixed rank 8 (LoRA r=8's
 size, no rank decision), ``geolora_rank8_features`` the same with the optional base rule
-``riemannian_adam_features``, and ``lora_r4`` LoRA at about the defaults' size. Everything else is
+``riemannian_adam_features``, ``geolora_features`` the defaults with that rule, and ``lora_r4``
+LoRA at about the defaults' size. Everything else is
 identical across methods: data split, steps, batch order, head initialisation and schedule.
 GeoLoRA is compared with LoRA r=8 and AdaLoRA seed by seed (:mod:`paired`).
 
@@ -56,6 +57,7 @@ LABELS = {
     "geolora_rank8": "GeoLoRA, fixed rank 8 (no rank rule)",
     "lora_r4": "LoRA r=4 (peft)",
     "geolora_rank8_features": "GeoLoRA, fixed rank 8, riemannian_adam_features",
+    "geolora_features": "GeoLoRA, riemannian_adam_features",
 }
 
 
@@ -103,7 +105,8 @@ def rows(vision, base: nn.Module, geolora: dict) -> dict[str, tuple[str, dict]]:
     """Each table row's method and options (GeoLoRA's config options, LoRA's ``r``): the
     example's methods, GeoLoRA held to LoRA r=8's adapter parameters by an exact global budget,
     and the diagnostic rows of :data:`paired.DIAGNOSTICS` (GeoLoRA's step at a fixed rank 8,
-    with the default base rule and with ``riemannian_adam_features``; LoRA r=4)."""
+    with the default base rule and with ``riemannian_adam_features``; the defaults with that
+    rule; LoRA r=4)."""
     budget = {"budget": lora_adapter_params(base, vision.TARGETS), "budget_unit": "params"}
     fixed = {"r": FIXED_RANK, "r_min": FIXED_RANK, "r_max": FIXED_RANK}
     out = {method: (method, geolora if method == "geolora" else {}) for method in vision.METHODS}
@@ -112,6 +115,7 @@ def rows(vision, base: nn.Module, geolora: dict) -> dict[str, tuple[str, dict]]:
     out["lora_r4"] = ("lora", {"r": 4})
     features = {"base_rule": "riemannian_adam_features"}
     out["geolora_rank8_features"] = ("geolora", {**geolora, **fixed, **features})
+    out["geolora_features"] = ("geolora", {**geolora, **features})
     return out
 
 

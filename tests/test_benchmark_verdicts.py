@@ -43,6 +43,10 @@ def test_vision_budget_row_holds_geolora_to_lora_r8s_adapter_size():
         "geolora",
         {"tau": 0.2, "r": 8, "r_min": 8, "r_max": 8, "base_rule": "riemannian_adam_features"},
     )
+    assert rows["geolora_features"] == (
+        "geolora",
+        {"tau": 0.2, "base_rule": "riemannian_adam_features"},
+    )
     # the example hands the base rule to the optimizer and the rest to the config
     model, optimizer = vision.prepare(
         "geolora", base, 1e-2, 0, dict(rows["geolora_rank8_features"][1]), steps=3
