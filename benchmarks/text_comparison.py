@@ -13,7 +13,9 @@ targets allow, with the ranks placed by GeoLoRA. Two rows tell where a gap comes
 ``geolora_rank8`` is GeoLoRA's step at a fixed rank 8 (``r_min = r_max = 8``: no rank decision,
 LoRA r=8's size), so it against LoRA r=8 measures the step, and the defaults against it what the
 rank rule costs or saves; ``lora_r4`` is LoRA at about the defaults' size, so the defaults against
-it say whether GeoLoRA's smaller adapter beats LoRA's at that size.
+it say whether GeoLoRA's smaller adapter beats LoRA's at that size. ``geolora_rank8_features`` and
+``geolora_features`` are the fixed rank 8 and the defaults under the optional base rule
+``riemannian_adam_features`` (the rule that ties LoRA r=8 at a fixed rank on the vision transfer).
 
 Targets (issue 9): GeoLoRA ≥ LoRA r=8 + 0.5 pt and ≥ AdaLoRA, at ≤ LoRA r=8's final parameters.
 The verdicts compare the methods seed by seed (a seed fixes the batch order and the head's
@@ -43,6 +45,8 @@ GRIDS = {
     "geolora": (3e-4, 1e-3, 3e-3),
     "geolora_budget": (3e-4, 1e-3, 3e-3),
     "geolora_rank8": (3e-4, 1e-3, 3e-3),
+    "geolora_rank8_features": (3e-4, 1e-3, 3e-3),
+    "geolora_features": (3e-4, 1e-3, 3e-3),
     "lora": (3e-4, 1e-3, 3e-3),
     "lora_r4": (3e-4, 1e-3, 3e-3),
     "adalora": (1e-3, 3e-3, 1e-2),
@@ -52,11 +56,14 @@ LABELS = {
     "geolora": "GeoLoRA (defaults)",
     "geolora_budget": "GeoLoRA, budget = LoRA r=8's adapter params",
     "geolora_rank8": "GeoLoRA, fixed rank 8 (no rank rule)",
+    "geolora_rank8_features": "GeoLoRA, fixed rank 8, riemannian_adam_features",
+    "geolora_features": "GeoLoRA, riemannian_adam_features",
     "lora": "LoRA r=8",
     "lora_r4": "LoRA r=4",
     "adalora": "AdaLoRA 12→8",
 }
 FIXED_RANK = 8
+FEATURES = {"base_rule": "riemannian_adam_features"}
 SEEDS = (0, 1, 2)
 SELECT_SEEDS = (0, 1, 2)
 
@@ -76,8 +83,13 @@ def method_and_hyper(row: str, setup: minilm.Setup) -> tuple[str, dict[str, Any]
     its default initial rank, so its runs share the cache with init_rank's."""
     if row == "lora_r4":
         return "lora", {"r": 4}
+    fixed = {"r": FIXED_RANK, "r_min": FIXED_RANK, "r_max": FIXED_RANK}
     if row == "geolora_rank8":
-        return "geolora", {"r": FIXED_RANK, "r_min": FIXED_RANK, "r_max": FIXED_RANK}
+        return "geolora", fixed
+    if row == "geolora_rank8_features":
+        return "geolora", {**fixed, **FEATURES}
+    if row == "geolora_features":
+        return "geolora", {"r": geolora_defaults()["r"], **FEATURES}
     if row not in paired.TARGET_ROWS:
         return row, {}
     hyper = {"r": geolora_defaults()["r"]}
@@ -143,7 +155,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"Always answering the majority class scores {100 * majority:.1f} % on the test set. "
         "GeoLoRA runs with the library's defaults (initial rank, r_max, τ, scale, base rule; "
         "the budget row replaces τ by an exact global budget of LoRA r=8's adapter parameters, "
-        "the fixed-rank row sets r = r_min = r_max = 8); LoRA r=8, LoRA r=4 and AdaLoRA "
+        "the fixed-rank rows set r = r_min = r_max = 8, the features rows the base rule "
+        "riemannian_adam_features); LoRA r=8, LoRA r=4 and AdaLoRA "
         "(init_r 12 → target_r 8, tinit 10 % / tfinal 20 % of the steps) with lora_alpha 16 "
         "(as peft users keep it when they change r) and AdamW.",
         "",
