@@ -32,8 +32,17 @@ at a fixed rank 8 against LoRA r=8 (the step alone), the defaults against that f
 rank rule costs or saves), the defaults against LoRA r=4 (LoRA at about the defaults' size), and
 the budget row against the fixed rank (the same size, ranks placed by the rule or uniform), and
 the fixed rank with the base rule ``riemannian_adam_features`` against LoRA r=8 (the step under
-another base rule), and the defaults with that rule against LoRA r=8 and against the defaults
-(vision only)."""
+another base rule), and the defaults with that rule against LoRA r=8 and against the defaults."""
+FIXED_RANK = {"r": 8, "r_min": 8, "r_max": 8}
+FEATURES_RULE = {"base_rule": "riemannian_adam_features"}
+GEOLORA_DIAGNOSTIC_ROWS = {
+    "geolora_rank8": FIXED_RANK,
+    "geolora_rank8_features": FIXED_RANK | FEATURES_RULE,
+    "geolora_features": FEATURES_RULE,
+}
+"""The GeoLoRA rows of :data:`DIAGNOSTICS` and the options each sets on top of a table's GeoLoRA
+defaults: LoRA r=8's rank with no rank decision (``r = r_min = r_max = 8``), the optional base rule
+``riemannian_adam_features`` (the optimizer's option), or both."""
 
 
 def paired_difference(

@@ -62,8 +62,6 @@ LABELS = {
     "lora_r4": "LoRA r=4",
     "adalora": "AdaLoRA 12→8",
 }
-FIXED_RANK = 8
-FEATURES = {"base_rule": "riemannian_adam_features"}
 SEEDS = (0, 1, 2)
 SELECT_SEEDS = (0, 1, 2)
 
@@ -83,16 +81,9 @@ def method_and_hyper(row: str, setup: minilm.Setup) -> tuple[str, dict[str, Any]
     its default initial rank, so its runs share the cache with init_rank's."""
     if row == "lora_r4":
         return "lora", {"r": 4}
-    fixed = {"r": FIXED_RANK, "r_min": FIXED_RANK, "r_max": FIXED_RANK}
-    if row == "geolora_rank8":
-        return "geolora", fixed
-    if row == "geolora_rank8_features":
-        return "geolora", {**fixed, **FEATURES}
-    if row == "geolora_features":
-        return "geolora", {"r": geolora_defaults()["r"], **FEATURES}
-    if row not in paired.TARGET_ROWS:
+    if row not in (*paired.TARGET_ROWS, *paired.GEOLORA_DIAGNOSTIC_ROWS):
         return row, {}
-    hyper = {"r": geolora_defaults()["r"]}
+    hyper = {"r": geolora_defaults()["r"], **paired.GEOLORA_DIAGNOSTIC_ROWS.get(row, {})}
     if row == "geolora_budget":
         hyper |= {"budget": lora_adapter_params(setup.top_layers), "budget_unit": "params"}
     return "geolora", hyper

@@ -47,7 +47,6 @@ from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
 LRS = [1e-3, 3e-3, 5e-3, 1e-2, 2e-2, 3e-2, 1e-1, 3e-1]
-FIXED_RANK = 8
 LABELS = {
     "head": "head only",
     "lora": "LoRA r=8 (peft)",
@@ -108,14 +107,11 @@ def rows(vision, base: nn.Module, geolora: dict) -> dict[str, tuple[str, dict]]:
     with the default base rule and with ``riemannian_adam_features``; the defaults with that
     rule; LoRA r=4)."""
     budget = {"budget": lora_adapter_params(base, vision.TARGETS), "budget_unit": "params"}
-    fixed = {"r": FIXED_RANK, "r_min": FIXED_RANK, "r_max": FIXED_RANK}
     out = {method: (method, geolora if method == "geolora" else {}) for method in vision.METHODS}
     out["geolora_budget"] = ("geolora", {**geolora, **budget})
-    out["geolora_rank8"] = ("geolora", {**geolora, **fixed})
+    diagnostic = paired.GEOLORA_DIAGNOSTIC_ROWS
+    out |= {row: ("geolora", geolora | options) for row, options in diagnostic.items()}
     out["lora_r4"] = ("lora", {"r": 4})
-    features = {"base_rule": "riemannian_adam_features"}
-    out["geolora_rank8_features"] = ("geolora", {**geolora, **fixed, **features})
-    out["geolora_features"] = ("geolora", {**geolora, **features})
     return out
 
 
