@@ -5,7 +5,7 @@
 Target (issue 9): final total rank within ±20 % across the initial ranks, here read as every
 final total rank within ±20 % of their median. ``--warmup N`` runs the same under a linear lr
 warm-up over the first ``N`` steps, ``--decay`` with a linear decay to 0 after it
-(:func:`common.schedule_lr_as_asked`).
+(:func:`common.schedule_lr_as_asked`); ``--base-rule`` and ``--lr`` replace those two defaults.
 """
 
 from __future__ import annotations
@@ -31,20 +31,26 @@ def per_layer(ranks: dict[str, int]) -> list[int]:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    args = common.parse_args(__doc__.splitlines()[0], argv, schedule=True)
+    def options(parser) -> None:
+        parser.add_argument("--lr", type=float, default=geolora_defaults()["lr"], help="(peak) lr")
+        parser.add_argument("--base-rule", default=None, help="the optimizer's base_rule")
+
+    args = common.parse_args(__doc__.splitlines()[0], argv, schedule=True, add_options=options)
     setup = minilm.REAL_TASK_SMOKE if args.smoke else minilm.REAL_TASK
-    lr = geolora_defaults()["lr"]
+    lr = args.lr
+    rule = {} if args.base_rule is None else {"base_rule": args.base_rule}
     ranks = (1, 8) if args.smoke else RANKS
     runs = []
     for r in ranks:
         print(f"GeoLoRA r={r} ...", flush=True)
-        runs.append(common.run("geolora", {"r": r, "lr": lr, **args.schedule}, setup, args.out))
+        hyper = {"r": r, "lr": lr, **rule, **args.schedule}
+        runs.append(common.run("geolora", hyper, setup, args.out))
     lines = [
         common.setup_note(setup, args.schedule),
         "",
-        f"GeoLoRA with the library's defaults ({'peak ' if args.schedule else ''}lr {lr:g}), "
-        "only the initial rank r changes; seed 0. Per-layer rank = sum over the layer's six "
-        "adapted maps (layer 0 first).",
+        f"GeoLoRA with the library's defaults ({'peak ' if args.schedule else ''}lr {lr:g}"
+        f"{f', base rule {args.base_rule}' if rule else ''}), only the initial rank r changes; "
+        "seed 0. Per-layer rank = sum over the layer's six adapted maps (layer 0 first).",
         "",
         "| initial r | final total rank | per-layer ranks | adapter params | test acc (%) "
         "| val acc (%) | final train loss | s / run |",

@@ -41,12 +41,13 @@ from methods import DEFAULTS, TARGETS, geolora_defaults
 from torch import nn
 
 NAME = "text_comparison"
+# The features rows' grid reaches 1e-2: under the schedule, 3e-3 (the top of the others') won.
 GRIDS = {
     "geolora": (3e-4, 1e-3, 3e-3),
     "geolora_budget": (3e-4, 1e-3, 3e-3),
     "geolora_rank8": (3e-4, 1e-3, 3e-3),
-    "geolora_rank8_features": (3e-4, 1e-3, 3e-3),
-    "geolora_features": (3e-4, 1e-3, 3e-3),
+    "geolora_rank8_features": (3e-4, 1e-3, 3e-3, 1e-2),
+    "geolora_features": (3e-4, 1e-3, 3e-3, 1e-2),
     "lora": (3e-4, 1e-3, 3e-3),
     "lora_r4": (3e-4, 1e-3, 3e-3),
     "adalora": (1e-3, 3e-3, 1e-2),
