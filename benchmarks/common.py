@@ -223,7 +223,7 @@ def best_lr(
         for seed in seeds
     ]
     ok = [lr for lr in grid if not any(r["diverged"] for r in runs if _lr(r) == lr)] or list(grid)
-    means = mean_val_by_lr([r for r in runs if _lr(r) in ok])
+    means = mean_acc_by_lr([r for r in runs if _lr(r) in ok])
     return max(means, key=means.__getitem__), runs
 
 
@@ -231,14 +231,17 @@ def _lr(run_result: dict[str, Any]) -> float:
     return run_result["config"]["hyper"]["lr"]
 
 
-def mean_val_by_lr(
-    runs: list[dict[str, Any]], lr_of: Callable[[dict[str, Any]], float] = _lr
+def mean_acc_by_lr(
+    runs: list[dict[str, Any]],
+    split: str = "val",
+    lr_of: Callable[[dict[str, Any]], float] = _lr,
 ) -> dict[float, float]:
-    """Validation accuracy of runs averaged over their seeds, per lr (in the order the lrs first
-    appear); ``lr_of`` reads a run's lr (by default that of a :func:`run` result)."""
+    """Accuracy on ``split`` (``"val"`` or ``"test"``) of runs averaged over their seeds, per lr
+    (in the order the lrs first appear); ``lr_of`` reads a run's lr (by default that of a
+    :func:`run` result)."""
     by_lr: dict[float, list[float]] = {}
     for r in runs:
-        by_lr.setdefault(lr_of(r), []).append(r["val_acc"])
+        by_lr.setdefault(lr_of(r), []).append(r[f"{split}_acc"])
     return {lr: statistics.fmean(accs) for lr, accs in by_lr.items()}
 
 

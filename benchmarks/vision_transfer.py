@@ -195,15 +195,15 @@ def run(args: argparse.Namespace, vision) -> dict:
     )
 
 
-def mean_val_by_lr(runs: list[dict]) -> dict[float, float]:
-    """Validation accuracy averaged over the seeds, per learning rate."""
-    return common.mean_val_by_lr(runs, lr_of=lambda r: r["lr"])
+def mean_acc_by_lr(runs: list[dict], split: str = "val") -> dict[float, float]:
+    """Accuracy on ``split`` averaged over the seeds, per learning rate."""
+    return common.mean_acc_by_lr(runs, split, lr_of=lambda r: r["lr"])
 
 
 def best_lr(runs: list[dict]) -> float:
     """The learning rate whose validation accuracy, averaged over the seeds, is highest (the
     smallest such lr on a tie): one noisy seed cannot pick it."""
-    means = mean_val_by_lr(runs)
+    means = mean_acc_by_lr(runs)
     return max(sorted(means), key=lambda lr: means[lr])
 
 
@@ -247,16 +247,21 @@ def markdown(results: dict, command: str, minutes: float) -> str:
             f"{params:,.0f} | {seconds:.1f} | {rank} |"
         )
     lines += ["", *verdict_lines(results["final"])]
-    lines += [
-        "",
-        f"Validation accuracy of the learning-rate sweep (mean over {seeds} seed(s)):",
-        "",
-        "| method | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " |",
-        "|---|" + "---|" * len(lrs),
-    ]
-    for method in results["final"]:
-        by_lr = mean_val_by_lr([r for r in results["sweep"] if r["row"] == method])
-        lines.append(f"| {LABELS[method]} | " + " | ".join(f"{by_lr[lr]:.3f}" for lr in lrs) + " |")
+    for split, what in (
+        ("val", "Validation"),
+        ("test", "Test (not used for any choice; it shows how much a gap rests on the lr pick)"),
+    ):
+        lines += [
+            "",
+            f"{what} accuracy of the learning-rate sweep (mean over {seeds} seed(s)):",
+            "",
+            "| method | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " |",
+            "|---|" + "---|" * len(lrs),
+        ]
+        for method in results["final"]:
+            by_lr = mean_acc_by_lr([r for r in results["sweep"] if r["row"] == method], split)
+            cells = " | ".join(f"{by_lr[lr]:.3f}" for lr in lrs)
+            lines.append(f"| {LABELS[method]} | {cells} |")
     geo = results["final"]["geolora"][0]
     layers = sorted({int(name.split(".")[2]) for name in geo["ranks"]})
     targets = list(dict.fromkeys(name.rsplit(".", 1)[1] for name in geo["ranks"]))

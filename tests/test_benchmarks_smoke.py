@@ -4,6 +4,7 @@ folder and writes its table with the command on top; plus the runner's cache and
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -136,7 +137,7 @@ def test_sweep_lr_is_chosen_on_the_mean_over_seeds_and_skips_lrs_where_a_seed_di
     lr, runs = common.best_lr("lora", {}, grid, minilm.SMOKE, Path("unused"), seeds=(0, 1, 2))
     assert lr == 1e-3  # seed 0 alone picks 3e-4; 3e-3 has the best mean but a seed diverged
     assert len(runs) == 9
-    assert common.mean_val_by_lr(runs)[3e-4] == pytest.approx(2.2 / 3)
+    assert common.mean_acc_by_lr(runs)[3e-4] == pytest.approx(2.2 / 3)
     assert common.best_lr("lora", {}, grid, minilm.SMOKE, Path("unused"))[0] == 3e-4
 
 
@@ -285,6 +286,11 @@ def test_real_task_tables_adapt_all_six_layers(smoke_out):
     assert all(set(s["test_acc_by_seed"]) == {"0", "1"} for s in summary.values())
     # the budget row holds GeoLoRA to LoRA r=8's adapter parameters (plus the head)
     assert summary["geolora_budget"]["params"] <= summary["lora"]["params"]
+    # the sweep column: mean validation / test accuracy per lr over the sweep's seed (0 here)
+    md = (smoke_out / "text_comparison.md").read_text()
+    line = next(row for row in md.splitlines() if row.startswith("| LoRA r=8 |"))
+    test = 100 * summary["lora"]["test_acc_by_seed"]["0"]
+    assert re.search(rf"\({summary['lora']['lr']:g}: \d+\.\d / {test:.1f}\)", line)
 
 
 def test_command_names_the_options_that_differ_from_the_defaults(tmp_path):
