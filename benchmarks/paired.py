@@ -26,13 +26,14 @@ DIAGNOSTICS = (
     ("geolora_rank8_features", "lora"),
     ("geolora_features", "lora"),
     ("geolora_features", "geolora"),
+    ("geolora_features", "adalora"),
 )
 """The paired gaps that say where a target row's gap comes from, as (row, against): GeoLoRA's step
 at a fixed rank 8 against LoRA r=8 (the step alone), the defaults against that fixed rank (what the
 rank rule costs or saves), the defaults against LoRA r=4 (LoRA at about the defaults' size), and
 the budget row against the fixed rank (the same size, ranks placed by the rule or uniform), and
 the fixed rank with the base rule ``riemannian_adam_features`` against LoRA r=8 (the step under
-another base rule), and the defaults with that rule against LoRA r=8 and against the defaults."""
+another base rule), and the defaults with that rule against LoRA r=8, the defaults and AdaLoRA."""
 FIXED_RANK = {"r": 8, "r_min": 8, "r_max": 8}
 FEATURES_RULE = {"base_rule": "riemannian_adam_features"}
 GEOLORA_DIAGNOSTIC_ROWS = {

@@ -247,13 +247,13 @@ def markdown(results: dict, command: str, minutes: float) -> str:
             f"{params:,.0f} | {seconds:.1f} | {rank} |"
         )
     lines += ["", *verdict_lines(results["final"])]
-    for split, what in (
-        ("val", "Validation"),
-        ("test", "Test (not used for any choice; it shows how much a gap rests on the lr pick)"),
+    for split, what, why in (
+        ("val", "Validation", "it picks each lr"),
+        ("test", "Test", "no choice reads it; it shows how much a gap rests on the lr pick"),
     ):
         lines += [
             "",
-            f"{what} accuracy of the learning-rate sweep (mean over {seeds} seed(s)):",
+            f"{what} accuracy of the learning-rate sweep (mean over {seeds} seed(s); {why}):",
             "",
             "| method | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " |",
             "|---|" + "---|" * len(lrs),
