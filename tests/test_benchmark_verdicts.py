@@ -231,3 +231,31 @@ def test_budget_row_is_lora_r8s_adapter_size():
     assert row == ("geolora", fixed | features)
     _, hyper = text_comparison.method_and_hyper("geolora_features", minilm.REAL_TASK)
     assert hyper == {"r": methods.geolora_defaults()["r"]} | features
+
+
+def test_init_rank_runs_each_start_under_the_asked_rule_and_lr(tmp_path, monkeypatch):
+    import common
+    import init_rank
+
+    hypers = []
+
+    def fake_run(method, hyper, setup, out):
+        hypers.append(hyper)
+        ranks = {f"encoder.layer.{i}.attention.self.query": hyper["r"] for i in range(6)}
+        return dict(
+            key="k", ranks=ranks, total_rank=6 * hyper["r"], adapter_params=1000, test_acc=0.7,
+            val_acc=0.7, final_train_loss=0.5, train_s=1.0,
+        )  # fmt: skip
+
+    monkeypatch.setattr(common, "run", fake_run)
+    argv = ["--smoke", "--out", str(tmp_path), "--base-rule", "riemannian_adam_features"]
+    init_rank.main([*argv, "--lr", "2e-3"])
+    assert [h["r"] for h in hypers] == [1, 8]
+    assert all(h["base_rule"] == "riemannian_adam_features" and h["lr"] == 2e-3 for h in hypers)
+    md = (tmp_path / "init_rank.md").read_text()
+    assert "--lr 0.002 --base-rule riemannian_adam_features`" in md
+    assert "(lr 0.002, base rule riemannian_adam_features)" in md
+    hypers.clear()
+    init_rank.main(["--smoke", "--out", str(tmp_path)])  # the library's defaults: no rule named
+    assert all("base_rule" not in h for h in hypers)
+    assert {h["lr"] for h in hypers} == {methods.geolora_defaults()["lr"]}
