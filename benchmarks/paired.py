@@ -30,10 +30,10 @@ DIAGNOSTICS = (
 )
 """The paired gaps that say where a target row's gap comes from, as (row, against): GeoLoRA's step
 at a fixed rank 8 against LoRA r=8 (the step alone), the defaults against that fixed rank (what the
-rank rule costs or saves), the defaults against LoRA r=4 (LoRA at about the defaults' size), and
-the budget row against the fixed rank (the same size, ranks placed by the rule or uniform), and
-the fixed rank with the base rule ``riemannian_adam_features`` against LoRA r=8 (the step under
-another base rule), and the defaults with that rule against LoRA r=8, the defaults and AdaLoRA."""
+rank rule costs or saves), the defaults against LoRA r=4 (LoRA at about the defaults' size), the
+budget row against the fixed rank (the same size, ranks placed by the rule or uniform), the fixed
+rank with the base rule ``riemannian_adam_features`` against LoRA r=8 (the step under another base
+rule), and the defaults with that rule against LoRA r=8, the defaults and AdaLoRA."""
 FIXED_RANK = {"r": 8, "r_min": 8, "r_max": 8}
 FEATURES_RULE = {"base_rule": "riemannian_adam_features"}
 GEOLORA_DIAGNOSTIC_ROWS = {
@@ -44,6 +44,12 @@ GEOLORA_DIAGNOSTIC_ROWS = {
 """The GeoLoRA rows of :data:`DIAGNOSTICS` and the options each sets on top of a table's GeoLoRA
 defaults: LoRA r=8's rank with no rank decision (``r = r_min = r_max = 8``), the optional base rule
 ``riemannian_adam_features`` (the optimizer's option), or both."""
+GEOLORA_DIAGNOSTIC_LABELS = {
+    "geolora_rank8": "GeoLoRA, fixed rank 8 (no rank rule)",
+    "geolora_rank8_features": "GeoLoRA, fixed rank 8, riemannian_adam_features",
+    "geolora_features": "GeoLoRA, riemannian_adam_features",
+}
+"""The table label of each row of :data:`GEOLORA_DIAGNOSTIC_ROWS`."""
 
 
 def paired_difference(

@@ -56,9 +56,7 @@ GRIDS = {
 LABELS = {
     "geolora": "GeoLoRA (defaults)",
     "geolora_budget": "GeoLoRA, budget = LoRA r=8's adapter params",
-    "geolora_rank8": "GeoLoRA, fixed rank 8 (no rank rule)",
-    "geolora_rank8_features": "GeoLoRA, fixed rank 8, riemannian_adam_features",
-    "geolora_features": "GeoLoRA, riemannian_adam_features",
+    **paired.GEOLORA_DIAGNOSTIC_LABELS,
     "lora": "LoRA r=8",
     "lora_r4": "LoRA r=4",
     "adalora": "AdaLoRA 12→8",

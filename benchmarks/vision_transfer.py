@@ -53,10 +53,8 @@ LABELS = {
     "adalora": "AdaLoRA 12→8 (peft)",
     "geolora": "GeoLoRA",
     "geolora_budget": "GeoLoRA, budget = LoRA r=8's adapter params",
-    "geolora_rank8": "GeoLoRA, fixed rank 8 (no rank rule)",
+    **paired.GEOLORA_DIAGNOSTIC_LABELS,
     "lora_r4": "LoRA r=4 (peft)",
-    "geolora_rank8_features": "GeoLoRA, fixed rank 8, riemannian_adam_features",
-    "geolora_features": "GeoLoRA, riemannian_adam_features",
 }
 
 
