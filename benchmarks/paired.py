@@ -23,31 +23,33 @@ DIAGNOSTICS = (
     ("geolora", "geolora_rank8"),
     ("geolora", "lora_r4"),
     ("geolora_budget", "geolora_rank8"),
-    ("geolora_rank8_features", "lora"),
-    ("geolora_features", "lora"),
-    ("geolora_features", "geolora"),
-    ("geolora_features", "adalora"),
+    ("geolora_rank8_scalar", "lora"),
+    ("geolora_scalar", "lora"),
+    ("geolora", "geolora_scalar"),
+    ("geolora_scalar", "adalora"),
 )
 """The paired gaps that say where a target row's gap comes from, as (row, against): GeoLoRA's step
 at a fixed rank 8 against LoRA r=8 (the step alone), the defaults against that fixed rank (what the
 rank rule costs or saves), the defaults against LoRA r=4 (LoRA at about the defaults' size), the
 budget row against the fixed rank (the same size, ranks placed by the rule or uniform), the fixed
-rank with the base rule ``riemannian_adam_features`` against LoRA r=8 (the step under another base
-rule), and the defaults with that rule against LoRA r=8, the defaults and AdaLoRA."""
+rank with the base rule ``riemannian_adam`` (the default until 2026-12-07) against LoRA r=8 (the
+step under that rule), the defaults against the defaults with that rule (what the default rule
+gains), and that row against LoRA r=8 and AdaLoRA."""
 FIXED_RANK = {"r": 8, "r_min": 8, "r_max": 8}
-FEATURES_RULE = {"base_rule": "riemannian_adam_features"}
+SCALAR_RULE = {"base_rule": "riemannian_adam"}
 GEOLORA_DIAGNOSTIC_ROWS = {
     "geolora_rank8": FIXED_RANK,
-    "geolora_rank8_features": FIXED_RANK | FEATURES_RULE,
-    "geolora_features": FEATURES_RULE,
+    "geolora_rank8_scalar": FIXED_RANK | SCALAR_RULE,
+    "geolora_scalar": SCALAR_RULE,
 }
 """The GeoLoRA rows of :data:`DIAGNOSTICS` and the options each sets on top of a table's GeoLoRA
-defaults: LoRA r=8's rank with no rank decision (``r = r_min = r_max = 8``), the optional base rule
-``riemannian_adam_features`` (the optimizer's option), or both."""
+defaults: LoRA r=8's rank with no rank decision (``r = r_min = r_max = 8``), the base rule
+``riemannian_adam`` (one scalar second moment per adapter; the default until 2026-12-07), or
+both."""
 GEOLORA_DIAGNOSTIC_LABELS = {
     "geolora_rank8": "GeoLoRA, fixed rank 8 (no rank rule)",
-    "geolora_rank8_features": "GeoLoRA, fixed rank 8, riemannian_adam_features",
-    "geolora_features": "GeoLoRA, riemannian_adam_features",
+    "geolora_rank8_scalar": "GeoLoRA, fixed rank 8, riemannian_adam",
+    "geolora_scalar": "GeoLoRA, riemannian_adam",
 }
 """The table label of each row of :data:`GEOLORA_DIAGNOSTIC_ROWS`."""
 

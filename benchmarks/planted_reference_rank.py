@@ -1,18 +1,20 @@
 """Does the step grow with the rank (issue 9)? The features rule with a fixed reference rank.
 
-``riemannian_adam_features`` divides each ambient row of ``D_K``, ``D_L`` by the root of the row's
-second moment, ``q_i = ‖G[i, :]‖² / r`` (and the core by the adapter's ``q = ‖G‖² / ((n+m+r) r)``):
-a mean over the ``r`` active columns. Where the gradient lives in a few of them (a layer that
-kept margin triplets, or new directions that carry little yet), the extra columns lower the mean
-and enlarge the step of the others, so a layer's step grows like ``√(r / r_eff)`` with its rank.
-A fixed rank 8 fits the planted teacher better than the adaptive rule at the same size, and more
-rank makes the fit worse at one lr. This script trains the rule as shipped against the same rule
-with the columns' sum divided by a fixed reference rank of 8 (``moment_columns``; identical at
-rank 8, so the fixed-rank rows must agree), on the planted teacher of :mod:`planted_ranks`
+Until 2026-12-07 ``riemannian_adam_features`` divided each ambient row of ``D_K``, ``D_L`` by the
+root of the row's second moment ``q_i = ‖G[i, :]‖² / r`` (and the core by the adapter's
+``q = ‖G‖² / ((n+m+r) r)``): a mean over the ``r`` active columns. Where the gradient lives in a
+few of them (a layer that kept margin triplets, or new directions that carry little yet), the
+extra columns lower the mean and enlarge the step of the others, so a layer's step grows like
+``√(r / r_eff)`` with its rank. A fixed rank 8 fits the planted teacher better than the adaptive
+rule at the same size, and more rank makes the fit worse at one lr. This script trains that mean
+(registered here as ``features_active_mean``) against the rule as shipped since, which divides
+the columns' sum by the fixed reference rank 8 (``moment_columns``; identical at rank 8, so the
+fixed-rank rows must agree), on the planted teacher of :mod:`planted_ranks`
 under the 30-step warm-up and lr 2e-3 of its best rows (``planted_lr``): from r = 1, 4, 16 with
 the local rule, at a fixed rank 8, and under the exact planted budget from r = 8; LoRA r=8 and
-r=16 (lr 1e-3, ``lora_alpha = 2r``, r=8 under the same warm-up) as the reference. The variant
-is registered here, not in the library.
+r=16 (lr 1e-3, ``lora_alpha = 2r``, r=8 under the same warm-up) as the reference. The committed
+table ran before the switch, when the mean form was shipped under the name
+``riemannian_adam_features`` and the fixed reference rank was this script's variant.
 """
 
 from __future__ import annotations
@@ -27,26 +29,26 @@ import planted
 import torch
 from planted_ranks import fit
 
-from geolora.optim.base_rules import BASE_RULES, RiemannianAdamFeatures
+from geolora.optim.base_rules import BASE_RULES, REFERENCE_RANK, RiemannianAdamFeatures
 
 NAME = "planted_reference_rank"
 SEEDS = (0, 1, 2)
-REFERENCE_RANK = 8
 LR, WARMUP = 2e-3, 30
 RULES = {
-    "riemannian_adam_features": "mean over the active columns (shipped)",
-    "features_reference_rank": f"sum over the columns / {REFERENCE_RANK}",
+    "features_active_mean": "mean over the active columns (shipped until 2026-12-07)",
+    "riemannian_adam_features": f"sum over the columns / {REFERENCE_RANK} (shipped)",
 }
 
 
-class FeaturesReferenceRank(RiemannianAdamFeatures):
-    """``riemannian_adam_features`` whose moments divide by a fixed rank, not the active one."""
+class FeaturesActiveMean(RiemannianAdamFeatures):
+    """``riemannian_adam_features`` whose moments divide by the active rank (a mean), as it did
+    until 2026-12-07."""
 
     def moment_columns(self, active: torch.Tensor) -> torch.Tensor:
-        return torch.full_like(active, REFERENCE_RANK)
+        return active
 
 
-BASE_RULES.setdefault("features_reference_rank", FeaturesReferenceRank())
+BASE_RULES.setdefault("features_active_mean", FeaturesActiveMean())
 
 
 def specs(planted_budget: int, smoke: bool) -> list[tuple[str, str, str, dict[str, Any], tuple]]:
@@ -108,7 +110,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     lines = [
         f"Teacher, student and data as in `planted_ranks.py` ({setup.steps} steps, batch "
         f"{setup.batch_size}, planted budget {budget:,} parameters); GeoLoRA with "
-        f"`riemannian_adam_features`, lr {LR:g} after a {WARMUP}-step warm-up, the library's "
+        f"per-feature second moments (`riemannian_adam_features`; two normalisers below), lr "
+        f"{LR:g} after a {WARMUP}-step warm-up, the library's "
         "other defaults. Normaliser = what a row's squared norm is divided by to give its second "
         "moment. Rows with several seeds give mean ± std and the per-seed values.",
         "",

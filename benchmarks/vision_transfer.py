@@ -10,11 +10,12 @@ with the library's defaults (``--tau`` overrides τ); the row ``geolora_budget``
 exact global budget of LoRA r=8's adapter parameters (``budget_unit="params"``), the largest
 adapter issue 9's targets allow. Diagnostic rows say where a gap comes from
 (:data:`paired.DIAGNOSTICS`): ``geolora_rank8`` is GeoLoRA's step at a fixed rank 8 (LoRA r=8's
-size, no rank decision), ``geolora_rank8_features`` the same with the optional base rule
-``riemannian_adam_features``, ``geolora_features`` the defaults with that rule, and ``lora_r4``
-LoRA at about the defaults' size. Everything else is
-identical across methods: data split, steps, batch order, head initialisation and schedule.
-GeoLoRA is compared with LoRA r=8 and AdaLoRA seed by seed (:mod:`paired`).
+size, no rank decision), ``geolora_rank8_scalar`` the same with the base rule
+``riemannian_adam`` (one scalar second moment per adapter, the default until 2026-12-07),
+``geolora_scalar`` the defaults with that rule, and ``lora_r4`` LoRA at about the defaults'
+size. Everything else is identical across methods: data split, steps, batch order, head
+initialisation and schedule. GeoLoRA is compared with LoRA r=8 and AdaLoRA seed by seed
+(:mod:`paired`).
 
 Each run is cached as JSON under ``<out>/runs/`` by its configuration, the pretrained ViT's
 weights included (:func:`common.cached`; a GeoLoRA run's key also holds the library's source),

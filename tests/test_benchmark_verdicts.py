@@ -43,19 +43,16 @@ def test_vision_budget_row_holds_geolora_to_lora_r8s_adapter_size():
     # the diagnostic rows: GeoLoRA's step at a fixed rank 8, LoRA at half LoRA r=8's rank
     assert rows["geolora_rank8"] == ("geolora", {"tau": 0.2, "r": 8, "r_min": 8, "r_max": 8})
     assert rows["lora_r4"] == ("lora", {"r": 4})
-    assert rows["geolora_rank8_features"] == (
+    assert rows["geolora_rank8_scalar"] == (
         "geolora",
-        {"tau": 0.2, "r": 8, "r_min": 8, "r_max": 8, "base_rule": "riemannian_adam_features"},
+        {"tau": 0.2, "r": 8, "r_min": 8, "r_max": 8, "base_rule": "riemannian_adam"},
     )
-    assert rows["geolora_features"] == (
-        "geolora",
-        {"tau": 0.2, "base_rule": "riemannian_adam_features"},
-    )
+    assert rows["geolora_scalar"] == ("geolora", {"tau": 0.2, "base_rule": "riemannian_adam"})
     # the example hands the base rule to the optimizer and the rest to the config
     model, optimizer = vision.prepare(
-        "geolora", base, 1e-2, 0, dict(rows["geolora_rank8_features"][1]), steps=3
+        "geolora", base, 1e-2, 0, dict(rows["geolora_rank8_scalar"][1]), steps=3
     )
-    assert optimizer.param_groups[0]["base_rule"] == "riemannian_adam_features"
+    assert optimizer.param_groups[0]["base_rule"] == "riemannian_adam"
     assert optimizer.config.r == optimizer.config.r_min == optimizer.config.r_max == 8
 
 
@@ -225,12 +222,12 @@ def test_budget_row_is_lora_r8s_adapter_size():
     method, hyper = text_comparison.method_and_hyper("geolora_budget", minilm.REAL_TASK)
     assert method == "geolora" and hyper["budget_unit"] == "params"
     assert hyper["budget"] == 331_776
-    features = {"base_rule": "riemannian_adam_features"}
+    scalar = {"base_rule": "riemannian_adam"}
     fixed = {"r": 8, "r_min": 8, "r_max": 8}
-    row = text_comparison.method_and_hyper("geolora_rank8_features", minilm.REAL_TASK)
-    assert row == ("geolora", fixed | features)
-    _, hyper = text_comparison.method_and_hyper("geolora_features", minilm.REAL_TASK)
-    assert hyper == {"r": methods.geolora_defaults()["r"]} | features
+    row = text_comparison.method_and_hyper("geolora_rank8_scalar", minilm.REAL_TASK)
+    assert row == ("geolora", fixed | scalar)
+    _, hyper = text_comparison.method_and_hyper("geolora_scalar", minilm.REAL_TASK)
+    assert hyper == {"r": methods.geolora_defaults()["r"]} | scalar
 
 
 def test_init_rank_runs_each_start_under_the_asked_rule_and_lr(tmp_path, monkeypatch):

@@ -273,8 +273,8 @@ def test_real_task_tables_adapt_all_six_layers(smoke_out):
         layers = init_rank.per_layer(run["ranks"])
         assert len(layers) == 6 and sum(layers) == run["total_rank"]
     summary = json.loads((smoke_out / "text_comparison.json").read_text())["summary"]
-    fixed = ("geolora_rank8", "geolora_rank8_features")
-    rows = {"geolora", "geolora_budget", "geolora_features", *fixed, "lora", "lora_r4", "adalora"}
+    fixed = ("geolora_rank8", "geolora_rank8_scalar")
+    rows = {"geolora", "geolora_budget", "geolora_scalar", *fixed, "lora", "lora_r4", "adalora"}
     assert set(summary) == rows | {"head"}
     assert summary["head"]["params"] == 2 * 384 + 2
     assert all(summary[r]["total_rank"] == 36 * 8 for r in fixed)  # no rank decision
@@ -328,11 +328,11 @@ def test_planted_normalisers_swaps_lora_optimizer(smoke_out):
 
 
 def test_planted_reference_rank_matches_the_shipped_rule_at_rank_8_only(smoke_out):
-    """The variant divides by 8 where the shipped rule divides by the active rank: the same
+    """The shipped rule divides by 8 where the variant divides by the active rank: the same
     runs at a fixed rank 8, different ones from rank 1."""
     rows = json.loads((smoke_out / "planted_reference_rank.json").read_text())["rows"]
     loss = {(r["row"], r["hyper"]["base_rule"]): r["relative_loss"][0] for r in rows}
-    shipped, variant = "riemannian_adam_features", "features_reference_rank"
+    shipped, variant = "riemannian_adam_features", "features_active_mean"
     assert loss["GeoLoRA fixed r=8", shipped] == loss["GeoLoRA fixed r=8", variant]
     assert loss["GeoLoRA r=1", shipped] != loss["GeoLoRA r=1", variant]
 

@@ -32,6 +32,7 @@ from geolora import (
     get_geolora_model,
 )
 from geolora.optim import integrator, rank_rules
+from geolora.optim.base_rules import REFERENCE_RANK
 from geolora.optim.stacking import set_stacked_factors
 
 LR, WD, TAU, R_MAX, MOMENTUM, MARGIN, SHRINK = 0.05, 0.1, 0.2, 8, 0.9, 0.1, 0.05
@@ -64,7 +65,10 @@ def _reference(layer, state: dict, rule: str, freeze: bool) -> tuple[dict, dict]
     t = float(state["step"]) + 1
     first, second, d = {}, {}, {}
     grads = {key: act[key](g) for key, g in grads.items()}
-    mean_sq = sum(g.square().sum() for g in grads.values()) / sum(g.numel() for g in grads.values())
+    # the moments' columns: the active rank (a mean), or features' fixed reference rank
+    columns = REFERENCE_RANK if rule == "riemannian_adam_features" else r
+    total_sq = sum(g.square().sum() for g in grads.values())
+    mean_sq = total_sq / (sum(g.shape[0] for g in grads.values()) * columns)
     for key, g in grads.items():
         if rule == "sgd":
             first[key] = MOMENTUM * act[key](state[key]) + g
@@ -75,7 +79,8 @@ def _reference(layer, state: dict, rule: str, freeze: bool) -> tuple[dict, dict]
             denominator = q
             if rule in ("riemannian_adam_rows", "riemannian_adam_features"):
                 # one moment per ambient row, one for the core
-                fresh = g.square().mean(1, keepdim=True) if key != "S" else g.square().mean()
+                row_sq = g.square().sum(1, keepdim=True) / columns
+                fresh = row_sq if key != "S" else g.square().mean()
                 old_sq = state[key + "_sq"][:, :1] if key != "S" else state["S_sq"][0, 0]
                 second[key] = BETAS[1] * old_sq + (1 - BETAS[1]) * fresh
                 if rule == "riemannian_adam_rows":

@@ -100,12 +100,12 @@ def _noisy_signal_rank(r0: int, shrinkage: float, steps: int = 300, seed: int = 
 
 def test_shrinkage_prunes_directions_fed_by_noise_alone():
     """With the default shrinkage the rank settles at the push's rank 2 plus its margin (± 1) from
-    any initial rank within 360 steps; without it, the directions that a start at r = 16 kept from
-    its first noisy steps are still there (they random-walk and fall under τ only later, near step
-    400). A stronger μ = 0.03 settles within 300 steps."""
-    final = [_noisy_signal_rank(r0, GeoLoRAConfig.shrinkage, steps=360) for r0 in (1, 4, 16)]
+    any initial rank within 320 steps; without it, the directions that a start at r = 16 kept from
+    its first noisy steps are still there (rank 6; they random-walk and fall under τ only later).
+    A stronger μ = 0.03 settles within 300 steps."""
+    final = [_noisy_signal_rank(r0, GeoLoRAConfig.shrinkage, steps=320) for r0 in (1, 4, 16)]
     assert all(3 <= r <= 4 for r in final), final  # 2 + ⌈0.1·2⌉, and one more at most
-    assert _noisy_signal_rank(16, 0.0, steps=360) >= 5
+    assert _noisy_signal_rank(16, 0.0, steps=320) >= 5
     assert all(3 <= _noisy_signal_rank(r0, 0.03) <= 4 for r0 in (1, 4, 16))
 
 

@@ -4,36 +4,38 @@ The integrator needs, per adapter, update directions ``D_K``, ``D_L``, ``D_S`` f
 ``K = U S`` (n × r), ``L = V Sᵀ`` (m × r) and ``S`` (r × r), given their gradients ``G_*``.
 One small class per rule, registered in :data:`BASE_RULES`:
 
-* ``riemannian_adam`` (the default): ``M ← β₁M + (1−β₁)G`` for the three blocks and one scalar
-  per adapter ``q ← β₂q + (1−β₂)·mean(G∘G)`` over all of ``G_K, G_L, G_S`` (the squared norm of
-  the tangent vector per entry), ``D = (M / (1−β₁ᵗ)) / (sqrt(q / (1−β₂ᵗ)) + ε)``. This is Adam on
-  the product manifold of each adapter as in Bécigneul & Ganea (ICLR 2019, "Riemannian adaptive
-  optimization methods"): the second moment is a scalar per manifold, so the direction is the
-  momentum-averaged tangent gradient times one number. Its rank decisions are those of the
-  gradient itself (rotation-invariant: they do not depend on the bases' coordinates), the step of
-  each entry is of order λ whatever the gradient's scale (as with Adam), and every piece of
-  state transports exactly.
+* ``riemannian_adam_features`` (the default): first moments ``M ← β₁M + (1−β₁)G`` for the three
+  blocks, one second moment per ambient feature for the rows of ``G_K`` (an output feature) and of
+  ``G_L`` (an input feature), ``q_i ← β₂q_i + (1−β₂)·‖G[i, :]‖² / r₀``, and one scalar per adapter
+  ``q ← β₂q + (1−β₂)·‖G‖² / ((n + m + r) r₀)`` for the core, with the fixed reference rank
+  ``r₀ =`` :data:`REFERENCE_RANK`. Row ``i`` of ``D_K`` and ``D_L`` is ``M̂_i / (sqrt(q̂_i) + ε)``,
+  the core's ``M̂_S / (sqrt(q̂) + ε)``. Every ambient feature's step is of order λ, as in Adam on
+  LoRA's ``A`` and ``B`` (peft LoRA with one second moment per feature fits the planted teacher as
+  well as with AdamW's per coordinate), while the core, where the gradient concentrates once the
+  bases hold its leading directions, keeps a step above λ per entry (capping it, as
+  ``riemannian_adam_rows`` does, slows the fit). A row's squared norm over the columns is its norm
+  in the span, so the moments do not depend on the bases' coordinates: rank decisions are
+  rotation-invariant and the state transports exactly. The divisor is a fixed ``r₀``, not the
+  active rank: with a mean over the ``r`` active columns, columns that carry little gradient (a
+  layer's margin triplets, new directions) lower the mean and enlarge every row's step, so a
+  layer's step grew like ``sqrt(r / r_eff)`` with its rank (docs/algorithm.md §8).
+* ``riemannian_adam``: the same first moments and one scalar per adapter
+  ``q ← β₂q + (1−β₂)·mean(G∘G)`` over all of ``G_K, G_L, G_S`` (the squared norm of the tangent
+  vector per entry), ``D = (M / (1−β₁ᵗ)) / (sqrt(q / (1−β₂ᵗ)) + ε)``. This is Adam on the product
+  manifold of each adapter as in Bécigneul & Ganea (ICLR 2019, "Riemannian adaptive optimization
+  methods"): the direction is the momentum-averaged tangent gradient times one number. Its rank
+  decisions are those of the gradient itself, the step of each entry is of order λ whatever the
+  gradient's scale, and every piece of state transports exactly. It was the default until
+  2026-12-07; it fits the planted teacher and the vision transfer worse (docs/algorithm.md §8).
 * ``riemannian_adam_rows``: ``riemannian_adam`` whose step is also capped block by block. Besides
-  the scalar ``q`` it keeps ``q_i ← β₂q_i + (1−β₂)·mean_j G[i, j]²`` for every row of ``G_K`` (an
-  output feature) and of ``G_L`` (an input feature), and one ``q_S`` of ``mean(G_S∘G_S)`` for the
+  the scalar ``q`` it keeps ``q_i ← β₂q_i + (1−β₂)·mean_j G[i, j]²`` for every row of ``G_K`` and
+  of ``G_L`` (a mean over the ``r`` active columns), and one ``q_S`` of ``mean(G_S∘G_S)`` for the
   core block, and divides each row of the direction by ``sqrt(max(q̂_i, q̂)) + ε`` (the core by
   ``sqrt(max(q̂_S, q̂)) + ε``): no row and not the core moves by more than order λ per entry, and
-  none is amplified beyond ``riemannian_adam``'s step. A row's mean over the columns (its squared
-  norm over an orthonormal basis of the span, over r) and the core's mean do not depend on the
-  bases' coordinates, so rank decisions stay rotation-invariant. Where a few features carry most of
-  the gradient (the outlier activations of causal LMs), or the core ``Uᵀ G V`` does once the bases
-  hold the gradient's leading directions, the scalar lets those entries take steps far above λ;
-  this rule keeps them at λ, as per-coordinate Adam in LoRA's factors does (docs/algorithm.md §8
-  has the measurements).
-* ``riemannian_adam_features``: the same moments as ``riemannian_adam_rows``, but row ``i`` of
-  ``D_K`` and ``D_L`` is ``M̂_i / (sqrt(q̂_i) + ε)`` with no floor, and the core's is
-  ``M̂_S / (sqrt(q̂) + ε)`` (the core's own moment is kept, unused, so that the state is that of
-  ``riemannian_adam_rows``). Every ambient feature's step is of order λ, as in Adam on LoRA's
-  ``A`` and ``B`` (peft LoRA with one second moment per feature fits the planted teacher as well
-  as with AdamW's per coordinate), while the core, where the gradient concentrates once the bases
-  hold its leading directions, keeps ``riemannian_adam``'s large step (capping it at λ per entry
-  as ``riemannian_adam_rows`` does slows the fit). Rotation-invariant and exactly transported
-  like ``riemannian_adam_rows`` (docs/algorithm.md §8).
+  none is amplified beyond ``riemannian_adam``'s step. Where a few features carry most of the
+  gradient (the outlier activations of causal LMs) the scalar lets those entries take steps far
+  above λ; this rule keeps them at λ, as per-coordinate Adam in LoRA's factors does. It is the
+  default of ``geolora finetune --task causal-lm`` (docs/llm.md).
 * ``adam``: per-coordinate Adam, ``Q ← β₂Q + (1−β₂)G∘G``, ``D = M̂ / (sqrt(Q̂) + ε)``. Its
   per-coordinate normalisation gives every coordinate of ``D_K``, ``D_L`` a step of order λ,
   including directions with no gradient behind them, which inflates ranks (docs/algorithm.md §8).
@@ -67,6 +69,7 @@ from torch import Tensor
 
 __all__ = [
     "BASE_RULES",
+    "DEFAULT_BASE_RULE",
     "MOMENT_KEYS",
     "SCALAR_KEYS",
     "BaseRule",
@@ -79,6 +82,9 @@ MOMENT_KEYS = {"first": ("K", "L", "S"), "second": ("K_sq", "L_sq", "S_sq")}
 ``K`` n × r_max, ``L`` m × r_max, ``S`` r_max × r_max."""
 SCALAR_KEYS = {"scalar_second": "sq"}
 """State key of each kind of per-adapter scalar moment (a 0-d tensor)."""
+REFERENCE_RANK = 8
+"""``r₀``: what ``riemannian_adam_features`` divides a row's squared gradient norm by (LoRA's usual
+rank, so that at rank 8 every feature's step is Adam's λ per entry)."""
 
 
 @dataclass(frozen=True)
@@ -271,7 +277,11 @@ class RiemannianAdamRows(RiemannianAdam):
 
 class RiemannianAdamFeatures(RiemannianAdamRows):
     """One second moment per ambient feature for the rows of ``K`` and ``L``, the adapter's
-    scalar for the core (see the module docstring)."""
+    scalar for the core, both over the fixed reference rank (see the module docstring)."""
+
+    def moment_columns(self, active: Tensor) -> Tensor:
+        """:data:`REFERENCE_RANK` for every adapter, whatever its active rank."""
+        return torch.full_like(active, REFERENCE_RANK)
 
     def denominator(self, second: Tensor, scalar: Tensor, r: int) -> Tensor:
         """``q_row`` for the rows of ``K`` and ``L`` (no floor), ``q`` for the core."""
@@ -291,13 +301,14 @@ def _fill_new(old_sq: Tensor, moved: Tensor, missing: Tensor, active: Tensor) ->
 
 
 BASE_RULES: dict[str, BaseRule] = {
+    "riemannian_adam_features": RiemannianAdamFeatures(),
     "riemannian_adam": RiemannianAdam(),
     "riemannian_adam_rows": RiemannianAdamRows(),
-    "riemannian_adam_features": RiemannianAdamFeatures(),
     "adam": Adam(),
     "sgd": SGD(),
 }
 """The registered rules by name; the first is the default."""
+DEFAULT_BASE_RULE = next(iter(BASE_RULES))
 
 
 def get_base_rule(name: str) -> BaseRule:

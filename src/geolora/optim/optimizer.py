@@ -103,8 +103,8 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
         model: the GeoLoRA model (or a DDP wrapper of it).
         lr: learning rate ``λ`` of the adapters and (unless ``other_lr``) of the other parameters.
         weight_decay: decoupled weight decay for the adapters and the other parameters.
-        base_rule: ``"riemannian_adam"`` (default), ``"riemannian_adam_rows"``,
-            ``"riemannian_adam_features"``, ``"adam"`` or ``"sgd"`` directions for the factors
+        base_rule: ``"riemannian_adam_features"`` (default), ``"riemannian_adam"``,
+            ``"riemannian_adam_rows"``, ``"adam"`` or ``"sgd"`` directions for the factors
             (spec §4, :mod:`geolora.optim.base_rules`).
         betas, eps: Adam constants (also for the AdamW step of the other parameters).
         momentum: heavy-ball momentum for ``base_rule="sgd"``.
@@ -116,7 +116,7 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
         model: nn.Module,
         lr: float = 1e-3,
         weight_decay: float = 0.0,
-        base_rule: str = "riemannian_adam",
+        base_rule: str = base_rules.DEFAULT_BASE_RULE,
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
         momentum: float = 0.0,
