@@ -4,7 +4,8 @@ GeoLoRA's first steps overshoot where LoRA's do not (``planted_steps.py``, ``llm
 explanation offered in docs/llm.md: after one step GeoLoRA's bases hold the leading singular
 directions of the gradient, so its per-entry normalised step follows the gradient far more
 closely than LoRA's, whose ``A`` is still nearly random. This script measures that. It trains
-GeoLoRA (library defaults, and at a fixed rank 16) and peft LoRA r=16 at lr 1e-3 on the teacher,
+GeoLoRA with the base rule ``riemannian_adam`` (the default until 2026-12-07; the library's other
+defaults, and at a fixed rank 16) and peft LoRA r=16 at lr 1e-3 on the teacher,
 data, batches and seed of :mod:`planted_ranks` for its 300 steps, and for each step ``t`` of
 the first and the last ``WINDOW`` it reads
 
@@ -36,9 +37,14 @@ from methods import delta_weights, prepare
 
 NAME = "step_alignment"
 WINDOW = 10
+SCALAR = {"base_rule": "riemannian_adam"}
 RUNS = (
-    ("GeoLoRA (defaults)", "geolora", {}),
-    ("GeoLoRA fixed r=16", "geolora", {"r": 16, "freeze_ranks_after": 0, "shrinkage": 0.0}),
+    ("GeoLoRA (riemannian_adam)", "geolora", SCALAR),
+    (
+        "GeoLoRA fixed r=16",
+        "geolora",
+        {"r": 16, "freeze_ranks_after": 0, "shrinkage": 0.0} | SCALAR,
+    ),
     ("LoRA r=16", "lora", {"r": 16, "lora_alpha": 32.0}),
 )
 LR = 1e-3

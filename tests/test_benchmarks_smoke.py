@@ -391,14 +391,14 @@ def test_planted_steps_keeps_the_first_losses_and_warms_up(smoke_out):
 
 def test_step_alignment_measures_the_first_and_last_steps(smoke_out):
     data = json.loads((smoke_out / "step_alignment.json").read_text())
-    assert set(data) >= {"GeoLoRA (defaults)", "LoRA r=16"}
+    assert set(data) >= {"GeoLoRA (riemannian_adam)", "LoRA r=16"}
     for rows in (v for k, v in data.items() if k != "command"):
         assert [r["t"] for r in rows] == [0, 1, 2]  # smoke: 3 steps, windows of 2
         for r in rows:
             assert -1 - 1e-9 <= r["alignment"] <= 1 + 1e-9 and r["step"] > 0
             assert r["loss"] > 0 and r["loss"] + r["measured"] >= 0  # an MSE stays ≥ 0
-    for label in ("GeoLoRA (defaults)", "GeoLoRA fixed r=16"):  # riemannian_adam's first step:
-        first = data[label][0]  # M̂ = G and q̂ = mean(G∘G), so both factors are exactly 1
+    for label in ("GeoLoRA (riemannian_adam)", "GeoLoRA fixed r=16"):
+        first = data[label][0]  # riemannian_adam's first step: M̂ = G and q̂ = mean(G∘G), so 1
         assert first["memory"] == pytest.approx(1.0) and first["momentum"] == pytest.approx(1.0)
         assert all(r["memory"] > 0 and r["momentum"] > 0 for r in data[label])
     assert "memory" not in data["LoRA r=16"][0]
