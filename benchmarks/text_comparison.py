@@ -40,6 +40,8 @@ import paired
 from methods import DEFAULTS, TARGETS, geolora_defaults
 from torch import nn
 
+from geolora.optim.base_rules import DEFAULT_BASE_RULE
+
 NAME = "text_comparison"
 # The grid of riemannian_adam_features (the default rule) reaches 1e-2: under the schedule, 3e-3
 # won for it (with the moments' mean over the active columns); riemannian_adam lost at 3e-3.
@@ -144,10 +146,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         common.setup_note(setup, args.schedule),
         "",
         f"Always answering the majority class scores {100 * majority:.1f} % on the test set. "
-        "GeoLoRA runs with the library's defaults (initial rank, r_max, τ, scale, base rule; "
-        "the budget row replaces τ by an exact global budget of LoRA r=8's adapter parameters, "
-        "the fixed-rank rows set r = r_min = r_max = 8, the features rows the base rule "
-        "riemannian_adam_features); LoRA r=8, LoRA r=4 and AdaLoRA "
+        "GeoLoRA runs with the library's defaults (initial rank, r_max, τ, scale, base rule "
+        f"{DEFAULT_BASE_RULE}; the budget row replaces τ by an exact global budget of LoRA r=8's "
+        "adapter parameters, the fixed-rank rows set r = r_min = r_max = 8, the riemannian_adam "
+        "rows that base rule, the default until 2026-12-07); LoRA r=8, LoRA r=4 and AdaLoRA "
         "(init_r 12 → target_r 8, tinit 10 % / tfinal 20 % of the steps) with lora_alpha 16 "
         "(as peft users keep it when they change r) and AdamW. The sweep column gives the mean "
         "validation and test accuracy at every lr over the sweep's seeds: only validation picks "

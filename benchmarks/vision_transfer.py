@@ -103,8 +103,8 @@ def rows(vision, base: nn.Module, geolora: dict) -> dict[str, tuple[str, dict]]:
     """Each table row's method and options (GeoLoRA's config options, LoRA's ``r``): the
     example's methods, GeoLoRA held to LoRA r=8's adapter parameters by an exact global budget,
     and the diagnostic rows of :data:`paired.DIAGNOSTICS` (GeoLoRA's step at a fixed rank 8,
-    with the default base rule and with ``riemannian_adam_features``; the defaults with that
-    rule; LoRA r=4)."""
+    with the default base rule and with ``riemannian_adam``; the defaults with that rule;
+    LoRA r=4)."""
     budget = {"budget": lora_adapter_params(base, vision.TARGETS), "budget_unit": "params"}
     out = {method: (method, geolora if method == "geolora" else {}) for method in vision.METHODS}
     out["geolora_budget"] = ("geolora", {**geolora, **budget})
