@@ -7,11 +7,13 @@ last hidden states (:mod:`planted`). Methods, each run once (seed 0):
 * GeoLoRA from r = 1, 4, 16 with the library's defaults (optimizer and config), and the same
   with ``truncation="global"`` (one τ over the singular values of all 36 maps);
 * the same from r = 1, 4, 16 with ``base_rule="riemannian_adam_rows"`` (each feature's step
-  capped), with ``base_rule="riemannian_adam_features"`` (one second moment per feature), that
-  rule with ``shrinkage=0.05``, and the default and the features rule under a 30-step linear lr
-  warm-up (:func:`common.linear_warmup`), beside LoRA r = 16 under the same warm-up, and both
-  rules under ``geolora finetune``'s whole schedule (that warm-up, then a linear decay to 0),
-  beside LoRA r = 8 / 16 and AdaLoRA under the same schedule;
+  capped), with ``base_rule="riemannian_adam_features"`` (one second moment per feature; the
+  default since 2026-12-07, so these rows repeat the default's under another cache key), with
+  ``base_rule="riemannian_adam"`` (the default until then), the features rule with
+  ``shrinkage=0.05``, and the default, the features rule and ``riemannian_adam`` under a 30-step
+  linear lr warm-up (:func:`common.linear_warmup`), beside LoRA r = 16 under the same warm-up,
+  and the default and the features rule under ``geolora finetune``'s whole schedule (that
+  warm-up, then a linear decay to 0), beside LoRA r = 8 / 16 and AdaLoRA under that schedule;
 * GeoLoRA at a fixed rank 16 (``freeze_ranks_after=0``, no shrinkage): the integrator and base
   rule without any rank decision, to tell a loss gap of the optimizer from one of the ranks;
 * an lr sweep (1e-3 / 2e-3 / 3e-3) under the warm-up: the features rule with its rank rule, with
@@ -47,6 +49,7 @@ import torch
 from methods import Prepared, delta_weights, parameter_counts, prepare
 
 NAME = "planted_ranks"
+SCALAR_RULE = "riemannian_adam"  # the default base rule until 2026-12-07
 LORA_LR = 1e-3
 ADALORA_LR = 3e-3  # AdaLoRA needs 2.5-5x LoRA's lr (issue 9)
 NUMERICAL_TAU = 0.1
@@ -64,9 +67,11 @@ def specs(
         (f"GeoLoRA r={r}, global τ", "geolora", {"r": r, "truncation": "global"})
         for r in ((4,) if smoke else starts)
     ]
+    named_rules = {name: f"riemannian_adam_{name}" for name in ("rows", "features")}
+    named_rules[SCALAR_RULE] = SCALAR_RULE
     rows += [
-        (f"GeoLoRA r={r}, {name}", "geolora", {"r": r, "base_rule": f"riemannian_adam_{name}"})
-        for name in ("rows", "features")
+        (f"GeoLoRA r={r}, {name}", "geolora", {"r": r, "base_rule": rule})
+        for name, rule in named_rules.items()
         for r in ((4,) if smoke else starts)
     ]
     features_shrunk = {"base_rule": "riemannian_adam_features", "shrinkage": 0.05}
@@ -75,7 +80,8 @@ def specs(
         for r in ((4,) if smoke else starts)
     ]
     warm = {"lr_warmup": 2 if smoke else 30}
-    for name, rule in (("", {}), (", features", {"base_rule": "riemannian_adam_features"})):
+    scalar = (f", {SCALAR_RULE}", {"base_rule": SCALAR_RULE})
+    for name, rule in (("", {}), (", features", {"base_rule": "riemannian_adam_features"}), scalar):
         rows += [
             (
                 f"GeoLoRA r={r}{name}, warm-up {warm['lr_warmup']}",
