@@ -15,7 +15,7 @@ def _feature_rows(rule, active: int) -> torch.Tensor:
     hyper = Hyper(momentum=0.0, betas=(0.9, 0.999), eps=1e-8)
     moments = {
         "first": torch.zeros_like(grad),
-        "second": torch.zeros(1, n + m + width, 1, dtype=torch.float64),
+        "row_second": torch.zeros(1, n + m + width, 1, dtype=torch.float64),
         "scalar_second": torch.zeros(1, 1, 1, dtype=torch.float64),
     }
     active_t = torch.tensor([active])

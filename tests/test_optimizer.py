@@ -119,23 +119,46 @@ def test_scheduler_and_clipping():
     assert torch.allclose(net[0].delta_weight().detach(), frozen, atol=1e-6)  # lr 0: no move
 
 
-@pytest.mark.parametrize("base_rule", ["adam", "sgd"])
-def test_state_dict_round_trip_while_ranks_change(base_rule):
+def _with_block_row_moments(state_dict: dict) -> dict:
+    """A state dict as geolora wrote it before the row second moments took one column: full
+    ``K_sq``, ``L_sq``, ``S_sq`` blocks whose active entries all hold the row's value."""
+    old = copy.deepcopy(state_dict)
+    for state in old["state"].values():
+        if "K_rsq" not in state:
+            continue
+        live = (torch.arange(state["K"].shape[1]) < state["rank"]).to(state["K"])
+        for key in ("K", "L", "S"):
+            state[f"{key}_sq"] = state.pop(f"{key}_rsq") * live
+    return old
+
+
+@pytest.mark.parametrize(
+    "base_rule, layout",
+    [
+        ("adam", "current"),
+        ("sgd", "current"),
+        ("riemannian_adam_features", "current"),
+        ("riemannian_adam_features", "block row moments"),
+        ("riemannian_adam_rows", "block row moments"),
+    ],
+)
+def test_state_dict_round_trip_while_ranks_change(base_rule, layout):
     def fresh():
         net, target, _, _ = regression(8, r0=1, dtype=torch.float64, seed=5)
-        return (
-            net,
-            target,
-            GeoLoRAOptimizer(
-                net, lr=0.05 if base_rule == "adam" else 0.3, base_rule=base_rule, momentum=0.5
-            ),
-        )
+        lr = 0.3 if base_rule == "sgd" else 0.05
+        return net, target, GeoLoRAOptimizer(net, lr=lr, base_rule=base_rule, momentum=0.5)
 
     net, target, opt = fresh()
     gen = torch.Generator().manual_seed(11)
     for _ in range(4):
         regression_step(net, target, opt, gen)
     saved_model, saved_opt = _snapshot(net, opt)
+    if base_rule.startswith("riemannian_adam_"):  # one column per row moment, not r_max
+        n = net[0].out_features
+        assert opt.state[net[0].U]["K_rsq"].shape == (n, 1) and "K_sq" not in opt.state[net[0].U]
+    if layout == "block row moments":
+        saved_opt = _with_block_row_moments(saved_opt)
+        assert "K_sq" in saved_opt["state"][0] and "K_rsq" not in saved_opt["state"][0]
     gen_state = gen.get_state()
     for _ in range(6):
         regression_step(net, target, opt, gen)

@@ -81,7 +81,7 @@ def _reference(layer, state: dict, rule: str, freeze: bool) -> tuple[dict, dict]
                 # one moment per ambient row, one for the core
                 row_sq = g.square().sum(1, keepdim=True) / columns
                 fresh = row_sq if key != "S" else g.square().mean()
-                old_sq = state[key + "_sq"][:, :1] if key != "S" else state["S_sq"][0, 0]
+                old_sq = state[key + "_rsq"] if key != "S" else state["S_rsq"][0, 0]
                 second[key] = BETAS[1] * old_sq + (1 - BETAS[1]) * fresh
                 if rule == "riemannian_adam_rows":
                     denominator = torch.maximum(second[key], q)
@@ -115,9 +115,9 @@ def _reference(layer, state: dict, rule: str, freeze: bool) -> tuple[dict, dict]
     if rule.startswith("riemannian_adam"):
         new["sq"] = q
     if rule in ("riemannian_adam_rows", "riemannian_adam_features"):
-        new["K_sq"] = second["K"].expand(-1, r1)
-        new["L_sq"] = second["L"].expand(-1, r1)
-        new["S_sq"] = second["S"].expand(r1, r1)
+        new["K_rsq"] = second["K"]  # one column: the row's value
+        new["L_rsq"] = second["L"]
+        new["S_rsq"] = second["S"].expand(r1, 1)
     if rule == "adam":
         cu2, cv2 = c_u.square(), c_v.square()
         miss_u, miss_v = (1 - cu2.sum(1)).clamp(min=0), (1 - cv2.sum(1)).clamp(min=0)
@@ -169,9 +169,9 @@ def test_batched_step_matches_per_adapter_reference(rule, freeze, copy, grouping
             state = opt.state[layer.U]
             if not state:
                 state = {"step": torch.zeros(())}
-                for key in ("K", "L", "S", "K_sq", "L_sq", "S_sq"):
+                for key in ("K", "L", "S", "K_sq", "L_sq", "S_sq", "K_rsq", "L_rsq", "S_rsq"):
                     like = {"K": layer.U, "L": layer.V, "S": layer.S}[key[0]]
-                    state[key] = torch.zeros_like(like)
+                    state[key] = torch.zeros_like(like[:, :1] if "rsq" in key else like)
                 state["sq"] = torch.zeros((), dtype=torch.float64)
             expected[layer] = _reference(layer, state, rule, freeze)
         old = {

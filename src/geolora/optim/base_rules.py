@@ -52,8 +52,9 @@ indexed by the V-side basis and columns of L by the U-side basis, so
     M_K ← M_K C_vᵀ,   M_L ← M_L C_uᵀ,   M_S ← C_u M_S C_vᵀ          (first moments: exact)
 
 Scalar second moments are invariant, and so are row second moments (indexed by ambient features,
-not by basis directions) and the core's mean; they are stored as blocks whose active entries all
-hold the row's (the core's) value, so that they ride on the block machinery. Per-coordinate second
+not by basis directions) and the core's mean; they are stored as one-column blocks (kind
+``row_second``: one value per row of ``K`` and ``L``, the core's value in each of the ``S`` rows
+below the rank), which the transport keeps as they are. Per-coordinate second
 moments are not rotation-invariant: ``adam`` transports them as variances of independent
 coordinates, ``Q_K ← Q_K (C_v∘C_v)ᵀ`` (and alike), which stays non-negative and never cancels to
 zero; a brand-new direction (a row of ``C`` with squared norm ``w < 1``) has no history, and the
@@ -77,9 +78,17 @@ __all__ = [
     "split_block",
 ]
 
-MOMENT_KEYS = {"first": ("K", "L", "S"), "second": ("K_sq", "L_sq", "S_sq")}
-"""State keys of each kind of block moment, in block order; the first letter gives the shape:
-``K`` n × r_max, ``L`` m × r_max, ``S`` r_max × r_max."""
+MOMENT_KEYS = {
+    "first": ("K", "L", "S"),
+    "second": ("K_sq", "L_sq", "S_sq"),
+    "row_second": ("K_rsq", "L_rsq", "S_rsq"),
+}
+"""State keys of each kind of block moment, in block order; the first letter gives the rows:
+``K`` n, ``L`` m, ``S`` r_max; the columns are r_max, or 1 for the kinds in
+:data:`ONE_COLUMN_KINDS`."""
+ONE_COLUMN_KINDS = ("row_second",)
+"""Kinds that hold one value per row (a row's second moment does not depend on the column): one
+column of storage, read and transported as a (…, rows, 1) block."""
 SCALAR_KEYS = {"scalar_second": "sq"}
 """State key of each kind of per-adapter scalar moment (a 0-d tensor)."""
 REFERENCE_RANK = 8
@@ -157,8 +166,9 @@ class BaseRule:
             if kind in SCALAR_KEYS:
                 state[SCALAR_KEYS[kind]] = like.new_zeros(())
             else:
+                columns = 1 if kind in ONE_COLUMN_KINDS else r_max
                 for key in MOMENT_KEYS[kind]:
-                    state[key] = like.new_zeros(rows[key[0]], r_max)
+                    state[key] = like.new_zeros(rows[key[0]], columns)
         return state
 
 
@@ -231,11 +241,11 @@ class RiemannianAdamRows(RiemannianAdam):
     docstring)."""
 
     def kinds(self, hyper: Hyper) -> tuple[str, ...]:
-        return ("first", "second", "scalar_second")
+        return ("first", "row_second", "scalar_second")
 
     def moments(self, moments, grad, hyper, active) -> dict[str, Tensor]:
-        """The updated first moments, scalar ``q`` and row / core second moments (as blocks
-        whose active entries all hold their row's or the core's value)."""
+        """The updated first moments, scalar ``q`` and row / core second moments (a one-column
+        block: each row's value, the core's in each of the ``r`` core rows)."""
         beta2 = hyper.betas[1]
         first = moments["first"].lerp(grad, 1 - hyper.betas[0])
         r = grad.shape[-1]
@@ -247,8 +257,8 @@ class RiemannianAdamRows(RiemannianAdam):
         row_sq = square[..., :-r, :].sum(-1, keepdim=True) / _per_adapter(columns)
         core_sq = square[..., -r:, :].sum(dim=(-2, -1), keepdim=True) / _per_adapter(active**2)
         fresh = torch.cat([row_sq, core_sq.expand(-1, r, 1)], dim=-2)
-        second = moments["second"][..., :1].lerp(fresh, 1 - beta2)
-        return {"first": first, "second": second, "scalar_second": scalar}
+        second = moments["row_second"].lerp(fresh, 1 - beta2)
+        return {"first": first, "row_second": second, "scalar_second": scalar}
 
     def moment_columns(self, active: Tensor) -> Tensor:
         """What a row's squared norm is divided by to give its second moment (and the block's
@@ -263,15 +273,14 @@ class RiemannianAdamRows(RiemannianAdam):
     def directions(self, moments, grad, steps, hyper, active):
         c1, c2 = _bias_corrections(steps, hyper.betas, grad)
         new = self.moments(moments, grad, hyper, active)
-        q = self.denominator(new["second"], new["scalar_second"], grad.shape[-1])
+        q = self.denominator(new["row_second"], new["scalar_second"], grad.shape[-1])
         return new, (new["first"] / c1) / ((q / c2).sqrt() + hyper.eps)
 
     def transport(self, moments, n, m, c_u, c_v, live, active):
         out = super().transport(moments, n, m, c_u, c_v, live, active)
-        k, l, s = split_block(moments["second"], n, m)
-        out["K_sq"] = k * live.unsqueeze(-2)
-        out["L_sq"] = l * live.unsqueeze(-2)
-        out["S_sq"] = s[..., :1, :] * (live.unsqueeze(-1) * live.unsqueeze(-2))
+        rows = moments["row_second"]
+        out["K_rsq"], out["L_rsq"] = rows[..., :n, :], rows[..., n : n + m, :]
+        out["S_rsq"] = rows[..., n + m : n + m + 1, :] * live.unsqueeze(-1)
         return out
 
 

@@ -170,7 +170,10 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict: dict) -> None:
         super().load_state_dict(state_dict)
+        groups = {id(p): g for g in self.param_groups if g["geolora"] for p in g["params"]}
         for name, layer in self._layers.items():
+            if layer.U in self.state:
+                _one_column_row_moments(self.state[layer.U], groups[id(layer.U)])
             saved = self.state.get(layer.U, {}).get("rank")
             if saved is not None and int(saved) != layer.current_rank:
                 raise ValueError(
@@ -360,6 +363,17 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
             state["rank"] = r
 
 
+def _one_column_row_moments(state: dict, group: dict) -> None:
+    """Rewrite, in place, the row second moments of a state saved before geolora stored them in
+    one column (``K_sq``, ``L_sq``, ``S_sq`` as full blocks whose active entries all held the
+    row's value) as the one-column ``K_rsq``, ``L_rsq``, ``S_rsq`` the rule now reads."""
+    kinds = base_rules.get_base_rule(group["base_rule"]).kinds(_hyper(group))
+    if "row_second" not in kinds or "K_rsq" in state or "K_sq" not in state:
+        return
+    for old, new in zip(MOMENT_KEYS["second"], MOMENT_KEYS["row_second"]):
+        state[new] = state.pop(old)[:, :1].clone()
+
+
 def _value_cost(layer: GeoLoRALayer, unit: str) -> int:
     """What one kept singular value of ``layer`` costs: 1 rank or ``n + m + 1`` parameters."""
     return 1 if unit == "rank" else layer.out_features + layer.in_features + 1
@@ -377,7 +391,8 @@ def _factors(layer: GeoLoRALayer) -> tuple[Tensor, Tensor, Tensor]:
 def _stack_blocks(tensors: list[Tensor], r: int) -> Tensor:
     """Stack the active columns of ``[K₁, L₁, S₁, K₂, …]`` (full size) into blocks
     (B, n + m + r_max, r), copying whole tensors or only their active columns (see
-    :func:`geolora.optim.stacking.copy_whole`)."""
-    if copy_whole(tensors[0], tensors[0].shape[0], r):
-        return torch.cat(tensors).view(len(tensors) // 3, -1, tensors[0].shape[-1])[..., :r]
-    return torch.cat([t[:, :r] for t in tensors]).view(len(tensors) // 3, -1, r)
+    :func:`geolora.optim.stacking.copy_whole`); one-column state stays one column."""
+    width = min(r, tensors[0].shape[-1])
+    if copy_whole(tensors[0], tensors[0].shape[0], width):
+        return torch.cat(tensors).view(len(tensors) // 3, -1, tensors[0].shape[-1])[..., :width]
+    return torch.cat([t[:, :width] for t in tensors]).view(len(tensors) // 3, -1, width)
