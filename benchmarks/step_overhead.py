@@ -200,15 +200,16 @@ def _memory(prep: methods.Prepared) -> dict[str, int]:
 
     stored = needed = 0
     for layer in geolora_layers(prep.model).values():
-        r, n, m = layer.current_rank, layer.out_features, layer.in_features
+        r, r_max = layer.current_rank, layer.S.shape[0]
         state = prep.optimizer.state[layer.U]
         tensors = [layer.U, layer.S, layer.V] + [
             p.grad for p in (layer.U, layer.S, layer.V) if p.grad is not None
         ]
         tensors += [v for v in state.values() if torch.is_tensor(v) and v.dim() == 2]
         stored += sum(t.numel() * t.element_size() for t in tensors)
-        per_copy = (n * r + r * r + m * r) * layer.U.element_size()
-        needed += per_copy * len(tensors) // 3
+        for t in tensors:  # active part: r of the r_max columns, and of the core's r_max rows
+            rows = r if t.shape[0] == r_max else t.shape[0]
+            needed += rows * min(r, t.shape[1]) * t.element_size()
     return {"stored_r_max": stored, "at_current_rank": needed}
 
 
