@@ -137,12 +137,19 @@ def geolora_from_peft(
             "plain low-rank weight update; GeoLoRA cannot start from it."
         )
     factors = _peft_factors(model, adapter)
-    inner = model.get_base_model()
-    saved = [n for n, m in inner.named_modules() if isinstance(m, ModulesToSaveWrapper)]
+    trained = {  # the adapter's own copies of the modules_to_save
+        n: m.modules_to_save[adapter]
+        for n, m in model.get_base_model().named_modules()
+        if isinstance(m, ModulesToSaveWrapper)
+    }
+    saved = list(trained)
     top = max(len(sigma) for _, sigma, _ in factors.values())
     if config is not None and config.r_max < top:
         raise ValueError(f"The LoRA adapter has rank {top} > r_max={config.r_max}: raise r_max.")
     base = model.unload()
+    for name, module in trained.items():  # peft >= 0.22's unload puts the original module back
+        parent_name, _, child = name.rpartition(".")
+        setattr(base.get_submodule(parent_name) if parent_name else base, child, module)
     config = config or _default_config(peft_config, base, factors, saved)
     targets = set(find_target_names(base, config))
     if targets != set(factors):
