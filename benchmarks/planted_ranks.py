@@ -4,8 +4,10 @@ The teacher is all-MiniLM-L6-v2 with planted changes of rank 0 / 2 / 8 / 24 on i
 maps, the student the pretrained model with adapters on the same maps, fitted to the teacher's
 last hidden states (:mod:`planted`). Methods, each run once (seed 0):
 
-* GeoLoRA from r = 1, 4, 16 with the library's defaults (optimizer and config), and the same
-  with ``truncation="global"`` (one τ over the singular values of all 36 maps);
+* GeoLoRA from r = 1, 4, 16 with the library's defaults (optimizer and config), the same with
+  Adam's first-moment bias correction (``first_moment_correction=True``, the default until
+  2026-12-07: the first steps move at full size), and the same with ``truncation="global"``
+  (one τ over the singular values of all 36 maps);
 * the same from r = 1, 4, 16 with ``base_rule="riemannian_adam_rows"`` (each feature's step
   capped), with ``base_rule="riemannian_adam_features"`` (one second moment per feature; the
   default since 2026-12-07, so these rows repeat the default's under another cache key), with
@@ -63,6 +65,8 @@ def specs(
     target_r = budget_rank // n_modules
     starts = (1, 16) if smoke else (1, 4, 16)
     rows = [(f"GeoLoRA r={r}", "geolora", {"r": r}) for r in starts]
+    corrected = {"first_moment_correction": True}
+    rows += [(f"GeoLoRA r={r}, M̂ corrected", "geolora", {"r": r, **corrected}) for r in starts]
     rows += [
         (f"GeoLoRA r={r}, global τ", "geolora", {"r": r, "truncation": "global"})
         for r in ((4,) if smoke else starts)

@@ -12,7 +12,7 @@ def _feature_rows(rule, active: int) -> torch.Tensor:
     gen = torch.Generator().manual_seed(0)
     grad = torch.zeros(1, n + m + width, width, dtype=torch.float64)
     grad[:, : n + m, :2] = torch.randn(1, n + m, 2, generator=gen, dtype=torch.float64)
-    hyper = Hyper(momentum=0.0, betas=(0.9, 0.999), eps=1e-8)
+    hyper = Hyper(momentum=0.0, betas=(0.9, 0.999), eps=1e-8, first_moment_correction=True)
     moments = {
         "first": torch.zeros_like(grad),
         "row_second": torch.zeros(1, n + m + width, 1, dtype=torch.float64),

@@ -35,7 +35,7 @@ def _sft_args(model_dir, dataset, out, *extra):
     return [
         "finetune", "--task", "causal-lm",
         "--model", str(model_dir), "--dataset", str(dataset),
-        "--epochs", "3", "--batch-size", "8", "--r", "2", "--r-max", "8", "--lr", "0.03",
+        "--epochs", "4", "--batch-size", "8", "--r", "2", "--r-max", "8", "--lr", "0.03",
         "--output-dir", str(out), "--quiet", *extra,
     ]  # fmt: skip
 
@@ -60,7 +60,7 @@ def test_sft_learns_the_answers_and_writes_adapter_peft_and_merged(sft_run, llam
 
     metrics = json.loads((sft_run / "metrics.json").read_text())
     # 40 examples, 8 held out (every held-out prompt also occurs in training).
-    assert (metrics["train_examples"], metrics["eval_examples"], metrics["steps"]) == (32, 8, 12)
+    assert (metrics["train_examples"], metrics["eval_examples"], metrics["steps"]) == (32, 8, 16)
     assert metrics["exact_match"] == 1.0 and metrics["accuracy"] == 1.0
     assert metrics["peak_lr"] == 0.03  # the lr the run used (--lr 0.03)
     assert metrics["base_rule"] == "riemannian_adam_rows"  # causal-lm's default rule

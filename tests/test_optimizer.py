@@ -119,10 +119,13 @@ def test_scheduler_and_clipping():
     assert torch.allclose(net[0].delta_weight().detach(), frozen, atol=1e-6)  # lr 0: no move
 
 
-def _with_block_row_moments(state_dict: dict) -> dict:
-    """A state dict as geolora wrote it before the row second moments took one column: full
-    ``K_sq``, ``L_sq``, ``S_sq`` blocks whose active entries all hold the row's value."""
+def _in_old_layout(state_dict: dict) -> dict:
+    """A state dict as geolora wrote it before the row second moments took one column (full
+    ``K_sq``, ``L_sq``, ``S_sq`` blocks whose active entries all hold the row's value) and before
+    the option ``first_moment_correction`` (the correction was always applied)."""
     old = copy.deepcopy(state_dict)
+    for group in old["param_groups"]:
+        group.pop("first_moment_correction", None)
     for state in old["state"].values():
         if "K_rsq" not in state:
             continue
@@ -138,17 +141,22 @@ def _with_block_row_moments(state_dict: dict) -> dict:
         ("adam", "current"),
         ("sgd", "current"),
         ("riemannian_adam_features", "current"),
-        ("riemannian_adam_features", "block row moments"),
-        ("riemannian_adam_rows", "block row moments"),
+        ("riemannian_adam_features", "old layout"),
+        ("riemannian_adam_rows", "old layout"),
+        ("adam", "old layout"),
     ],
 )
 def test_state_dict_round_trip_while_ranks_change(base_rule, layout):
-    def fresh():
+    def fresh(correction=False):
         net, target, _, _ = regression(8, r0=1, dtype=torch.float64, seed=5)
         lr = 0.3 if base_rule == "sgd" else 0.05
-        return net, target, GeoLoRAOptimizer(net, lr=lr, base_rule=base_rule, momentum=0.5)
+        opt = GeoLoRAOptimizer(
+            net, lr=lr, base_rule=base_rule, momentum=0.5, first_moment_correction=correction
+        )
+        return net, target, opt
 
-    net, target, opt = fresh()
+    old = layout == "old layout"
+    net, target, opt = fresh(correction=old)  # old files were written by corrected runs
     gen = torch.Generator().manual_seed(11)
     for _ in range(4):
         regression_step(net, target, opt, gen)
@@ -156,15 +164,17 @@ def test_state_dict_round_trip_while_ranks_change(base_rule, layout):
     if base_rule.startswith("riemannian_adam_"):  # one column per row moment, not r_max
         n = net[0].out_features
         assert opt.state[net[0].U]["K_rsq"].shape == (n, 1) and "K_sq" not in opt.state[net[0].U]
-    if layout == "block row moments":
-        saved_opt = _with_block_row_moments(saved_opt)
-        assert "K_sq" in saved_opt["state"][0] and "K_rsq" not in saved_opt["state"][0]
+    if old:
+        saved_opt = _in_old_layout(saved_opt)
+        if base_rule.startswith("riemannian_adam_"):
+            assert "K_sq" in saved_opt["state"][0] and "K_rsq" not in saved_opt["state"][0]
     gen_state = gen.get_state()
     for _ in range(6):
         regression_step(net, target, opt, gen)
     net2, _, opt2 = fresh()
     net2.load_state_dict(saved_model)
     opt2.load_state_dict(saved_opt)
+    assert opt2.param_groups[0]["first_moment_correction"] is old  # the run's own, kept
     gen.set_state(gen_state)
     ranks = []
     for _ in range(6):
@@ -172,6 +182,28 @@ def test_state_dict_round_trip_while_ranks_change(base_rule, layout):
         ranks.append(net2[0].current_rank)
     assert len(set(ranks)) > 1 or ranks[0] != 1  # ranks did change during the resumed run
     assert torch.allclose(net2[0].delta_weight(), net[0].delta_weight(), atol=1e-10)
+
+
+@pytest.mark.parametrize("base_rule", ["riemannian_adam_features", "riemannian_adam", "adam"])
+def test_first_step_without_first_moment_correction_is_a_tenth(base_rule):
+    """Uncorrected, the first step moves by ``(1 − β₁) λ D``: from ``S = 0`` the whole update is
+    linear in the step (the rank rule and the shrinkage are relative), so ``ΔW`` is exactly a
+    tenth of the corrected run's, with the same rank and the same first moments."""
+    runs = []
+    for correction in (True, False):
+        torch.manual_seed(0)  # the same base weight and bases
+        net, target, _, _ = regression(8, r0=4, dtype=torch.float64, seed=5)
+        opt = GeoLoRAOptimizer(
+            net, lr=0.05, base_rule=base_rule, first_moment_correction=correction
+        )
+        regression_step(net, target, opt, torch.Generator().manual_seed(11))
+        runs.append((net[0], opt.state[net[0].U]))
+    (corrected, state_c), (raw, state_r) = runs
+    assert corrected.current_rank == raw.current_rank > 4  # the first step still grows the rank
+    torch.testing.assert_close(
+        raw.delta_weight(), 0.1 * corrected.delta_weight(), rtol=1e-9, atol=0
+    )
+    torch.testing.assert_close(state_r["K"], state_c["K"], rtol=1e-9, atol=1e-12)
 
 
 def test_optimizer_state_of_other_ranks_refused():

@@ -56,13 +56,15 @@ def _model(freeze: bool) -> nn.Module:
     return get_geolora_model(net, config)
 
 
-def _reference(layer, state: dict, rule: str, freeze: bool) -> tuple[dict, dict]:
-    """One step of one adapter from its factors, gradients and state (not modified).
-    Returns the new full-size factors ``{"U", "S", "V"}`` and state."""
+def _reference(layer, state: dict, rule: str, freeze: bool, correction: bool) -> tuple[dict, dict]:
+    """One step of one adapter from its factors, gradients and state (not modified), with Adam's
+    first-moment bias correction or without. Returns the new full-size factors
+    ``{"U", "S", "V"}`` and state."""
     r = layer.current_rank
     act = {"K": lambda t: t[:, :r], "L": lambda t: t[:, :r], "S": lambda t: t[:r, :r]}
     grads = {"K": layer.U.grad, "L": layer.V.grad, "S": layer.S.grad}
     t = float(state["step"]) + 1
+    c1 = 1 - BETAS[0] ** t if correction else 1.0
     first, second, d = {}, {}, {}
     grads = {key: act[key](g) for key, g in grads.items()}
     # the moments' columns: the active rank (a mean), or features' fixed reference rank
@@ -87,12 +89,12 @@ def _reference(layer, state: dict, rule: str, freeze: bool) -> tuple[dict, dict]
                     denominator = torch.maximum(second[key], q)
                 elif key != "S":  # features: the rows by their own moment, the core by q
                     denominator = second[key]
-            m_hat = first[key] / (1 - BETAS[0] ** t)
+            m_hat = first[key] / c1
             d[key] = m_hat / ((denominator / (1 - BETAS[1] ** t)).sqrt() + EPS)
         else:
             first[key] = BETAS[0] * act[key](state[key]) + (1 - BETAS[0]) * g
             second[key] = BETAS[1] * act[key](state[key + "_sq"]) + (1 - BETAS[1]) * g * g
-            m_hat, q_hat = first[key] / (1 - BETAS[0] ** t), second[key] / (1 - BETAS[1] ** t)
+            m_hat, q_hat = first[key] / c1, second[key] / (1 - BETAS[1] ** t)
             d[key] = m_hat / (q_hat.sqrt() + EPS)
     u, s, v = (f.detach() for f in layer.active_factors())
     u_aug = integrator.augment_basis(u, d["K"])
@@ -144,14 +146,24 @@ def _reference(layer, state: dict, rule: str, freeze: bool) -> tuple[dict, dict]
 @pytest.mark.parametrize("freeze", [False, True], ids=["local_tau", "frozen_ranks"])
 @pytest.mark.parametrize("copy", ["whole", "views"])
 @pytest.mark.parametrize("grouping", ["padded", "by_rank"])
-def test_batched_step_matches_per_adapter_reference(rule, freeze, copy, grouping, monkeypatch):
+@pytest.mark.parametrize("correction", [False, True], ids=["raw_first", "corrected_first"])
+def test_batched_step_matches_per_adapter_reference(
+    rule, freeze, copy, grouping, correction, monkeypatch
+):
     if copy == "views":  # large adapters: read and write views of the active part per tensor
         monkeypatch.setattr(geolora.optim.stacking, "WHOLE_COPY_BYTES", 0)
     if grouping == "by_rank":  # batches free: one bucket per rank, nothing padded
         monkeypatch.setattr(geolora.optim.buckets, "BUCKET_OVERHEAD", 0.0)
     model = _model(freeze)
     momentum = MOMENTUM if rule == "sgd" else 0.0
-    opt = GeoLoRAOptimizer(model, lr=LR, weight_decay=WD, base_rule=rule, momentum=momentum)
+    opt = GeoLoRAOptimizer(
+        model,
+        lr=LR,
+        weight_decay=WD,
+        base_rule=rule,
+        momentum=momentum,
+        first_moment_correction=correction,
+    )
     layers = list(geolora_layers(model).values())
     # the patch must reach the module that decides, or "views" would test the whole copies
     assert geolora.optim.stacking.copy_whole(layers[0].U, 1, 1) == (copy == "whole")
@@ -173,7 +185,7 @@ def test_batched_step_matches_per_adapter_reference(rule, freeze, copy, grouping
                     like = {"K": layer.U, "L": layer.V, "S": layer.S}[key[0]]
                     state[key] = torch.zeros_like(like[:, :1] if "rsq" in key else like)
                 state["sq"] = torch.zeros((), dtype=torch.float64)
-            expected[layer] = _reference(layer, state, rule, freeze)
+            expected[layer] = _reference(layer, state, rule, freeze, correction)
         old = {
             layer: (layer.current_rank, float(opt.state[layer.U].get("step", 0)))
             for layer in stepped

@@ -21,7 +21,7 @@ One small class per rule, registered in :data:`BASE_RULES`:
   layer's step grew like ``sqrt(r / r_eff)`` with its rank (docs/algorithm.md §8).
 * ``riemannian_adam``: the same first moments and one scalar per adapter
   ``q ← β₂q + (1−β₂)·mean(G∘G)`` over all of ``G_K, G_L, G_S`` (the squared norm of the tangent
-  vector per entry), ``D = (M / (1−β₁ᵗ)) / (sqrt(q / (1−β₂ᵗ)) + ε)``. This is Adam on the product
+  vector per entry), ``D = M̂ / (sqrt(q / (1−β₂ᵗ)) + ε)``. This is Adam on the product
   manifold of each adapter as in Bécigneul & Ganea (ICLR 2019, "Riemannian adaptive optimization
   methods"): the direction is the momentum-averaged tangent gradient times one number. Its rank
   decisions are those of the gradient itself, the step of each entry is of order λ whatever the
@@ -41,12 +41,20 @@ One small class per rule, registered in :data:`BASE_RULES`:
   including directions with no gradient behind them, which inflates ranks (docs/algorithm.md §8).
 * ``sgd``: ``D = G``, or with momentum ``μ``: ``B ← μ B + G``, ``D = B`` (the paper's form).
 
-``t`` is the adapter's own step count. Block state lives in fixed-size tensors (rank ``r_max``)
-of which the leading ``r`` columns are active. The rules are elementwise on *blocks*: the ``K``-,
-``L``- and ``S``-parts of an adapter stacked along rows, (n + m + r) × r, and a batch of adapters
-stacked along dim 0 (:func:`split_block` takes them apart); scalar state is stacked as (B, 1, 1).
-After the step moves the basis, each block state is rewritten in the new coordinates with the maps
-``C_u``, ``C_v`` (r₁ × r, from :func:`geolora.optim.integrator.coordinate_change`). Columns of K are
+``t`` is the adapter's own step count. The Adam-type rules divide the second moment by
+``1 − β₂ᵗ`` (``q̂``, ``Q̂``); ``M̂`` is the first moment as it is (the optimizer's default
+``first_moment_correction=False``) or, with Adam's correction, ``M / (1 − β₁ᵗ)``. Uncorrected,
+a constant gradient moves an adapter by ``(1 − β₁ᵗ) λ``: 0.1 λ at its first step, 0.65 λ at the
+tenth. At ``S = 0`` the first steps alone make the singular values, and with the correction the
+first one, a single noisy gradient, set every direction of the doubled basis at full size, which
+later steps must outgrow before τ can drop them (docs/algorithm.md §8).
+
+Block state lives in fixed-size tensors (rank ``r_max``) of which the leading ``r`` columns are
+active. The rules are elementwise on *blocks*: the ``K``-, ``L``- and ``S``-parts of an adapter
+stacked along rows, (n + m + r) × r, and a batch of adapters stacked along dim 0
+(:func:`split_block` takes them apart); scalar state is stacked as (B, 1, 1). After the step
+moves the basis, each block state is rewritten in the new coordinates with the maps ``C_u``,
+``C_v`` (r₁ × r, from :func:`geolora.optim.integrator.coordinate_change`). Columns of K are
 indexed by the V-side basis and columns of L by the U-side basis, so
 
     M_K ← M_K C_vᵀ,   M_L ← M_L C_uᵀ,   M_S ← C_u M_S C_vᵀ          (first moments: exact)
@@ -103,6 +111,7 @@ class Hyper:
     momentum: float
     betas: tuple[float, float]
     eps: float
+    first_moment_correction: bool
 
 
 def split_block(block: Tensor, n: int, m: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -112,9 +121,13 @@ def split_block(block: Tensor, n: int, m: int) -> tuple[Tensor, Tensor, Tensor]:
     return block[..., :n, :], block[..., n : n + m, :], block[..., n + m : n + m + r, :]
 
 
-def _bias_corrections(steps: Tensor, betas: tuple[float, float], like: Tensor):
+def _bias_corrections(steps: Tensor, hyper: Hyper, like: Tensor) -> tuple[Tensor, Tensor]:
+    """Adam's ``c₁ = 1 − β₁ᵗ`` and ``c₂ = 1 − β₂ᵗ`` per adapter, (B, 1, 1); ``c₁ = 1`` without
+    the first moment's correction (``M`` itself then ramps each adapter's step up: a gradient
+    that stays the same moves by ``(1 − β₁ᵗ) λ``, see docs/algorithm.md §8)."""
     t = steps.to(torch.float64).view(-1, 1, 1)
-    return ((1 - b**t).to(like, non_blocking=True) for b in betas)
+    c1, c2 = ((1 - b**t).to(like, non_blocking=True) for b in hyper.betas)
+    return (c1 if hyper.first_moment_correction else torch.ones_like(c1)), c2
 
 
 def _rotate_first(first: Tensor, n: int, m: int, c_u: Tensor, c_v: Tensor) -> dict:
@@ -193,7 +206,7 @@ class Adam(BaseRule):
 
     def directions(self, moments, grad, steps, hyper, active):
         beta1, beta2 = hyper.betas
-        c1, c2 = _bias_corrections(steps, hyper.betas, grad)
+        c1, c2 = _bias_corrections(steps, hyper, grad)
         first = moments["first"].lerp(grad, 1 - beta1)
         second = torch.addcmul(moments["second"] * beta2, grad, grad, value=1 - beta2)
         d = (first / c1) / ((second / c2).sqrt() + hyper.eps)
@@ -222,7 +235,7 @@ class RiemannianAdam(BaseRule):
 
     def directions(self, moments, grad, steps, hyper, active):
         beta1, beta2 = hyper.betas
-        c1, c2 = _bias_corrections(steps, hyper.betas, grad)
+        c1, c2 = _bias_corrections(steps, hyper, grad)
         first = moments["first"].lerp(grad, 1 - beta1)
         rows = grad.shape[-2] - grad.shape[-1] + active  # n + m + r per adapter
         mean_sq = grad.square().sum(dim=(-2, -1), keepdim=True) / _per_adapter(rows * active)
@@ -271,7 +284,7 @@ class RiemannianAdamRows(RiemannianAdam):
         return torch.maximum(second, scalar)
 
     def directions(self, moments, grad, steps, hyper, active):
-        c1, c2 = _bias_corrections(steps, hyper.betas, grad)
+        c1, c2 = _bias_corrections(steps, hyper, grad)
         new = self.moments(moments, grad, hyper, active)
         q = self.denominator(new["row_second"], new["scalar_second"], grad.shape[-1])
         return new, (new["first"] / c1) / ((q / c2).sqrt() + hyper.eps)

@@ -108,6 +108,11 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
             (spec §4, :mod:`geolora.optim.base_rules`).
         betas, eps: Adam constants (also for the AdamW step of the other parameters).
         momentum: heavy-ball momentum for ``base_rule="sgd"``.
+        first_moment_correction: divide the adapters' first moments by ``1 − β₁ᵗ`` (Adam's bias
+            correction). ``False`` (default) uses ``M`` as it is, so that each adapter's step
+            ramps up over its first steps (``(1 − β₁ᵗ) λ`` for a constant gradient: 0.1 λ at
+            ``t = 1``, 0.65 λ at ``t = 10``) and the first gradients, taken at ``S = 0``, do not
+            decide the ranks alone (docs/algorithm.md §8). Rules without first moments ignore it.
         other_lr: learning rate of the non-adapter parameters, if different.
     """
 
@@ -120,6 +125,7 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
         momentum: float = 0.0,
+        first_moment_correction: bool = False,
         other_lr: float | None = None,
     ) -> None:
         base_rules.get_base_rule(base_rule)
@@ -135,9 +141,14 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
         factors = [p for layer in self._layers.values() for p in (layer.U, layer.S, layer.V)]
         others = [p for p in model.parameters() if p.requires_grad and not is_factor(p)]
         defaults = dict(lr=lr, weight_decay=weight_decay, betas=betas, eps=eps)
-        groups = [
-            dict(params=factors, geolora=True, base_rule=base_rule, momentum=momentum, steps=0)
-        ]
+        geometric = dict(
+            geolora=True,
+            base_rule=base_rule,
+            momentum=momentum,
+            first_moment_correction=first_moment_correction,
+            steps=0,
+        )
+        groups = [dict(params=factors, **geometric)]
         if others:
             groups.append(dict(params=others, geolora=False, lr=other_lr or lr))
             if base_rule == "sgd" and other_lr is None and lr > 1e-2:
@@ -170,6 +181,9 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict: dict) -> None:
         super().load_state_dict(state_dict)
+        for group in self.param_groups:
+            if group["geolora"]:  # saved before the option existed: the correction was applied
+                group.setdefault("first_moment_correction", True)
         groups = {id(p): g for g in self.param_groups if g["geolora"] for p in g["params"]}
         for name, layer in self._layers.items():
             if layer.U in self.state:
@@ -380,7 +394,9 @@ def _value_cost(layer: GeoLoRALayer, unit: str) -> int:
 
 
 def _hyper(group: dict) -> base_rules.Hyper:
-    return base_rules.Hyper(group["momentum"], group["betas"], group["eps"])
+    return base_rules.Hyper(
+        group["momentum"], group["betas"], group["eps"], group["first_moment_correction"]
+    )
 
 
 def _factors(layer: GeoLoRALayer) -> tuple[Tensor, Tensor, Tensor]:
