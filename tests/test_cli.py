@@ -89,6 +89,7 @@ def test_finetune_writes_adapters_metrics_and_report(run_dir, tiny_model_dir, ca
     assert (metrics["train_examples"], metrics["eval_examples"], metrics["steps"]) == (26, 6, 8)
     assert metrics["label_names"] == ["neg", "pos"]
     assert 0.0 <= metrics["accuracy"] <= 1.0
+    assert metrics["first_moment_correction"] is False  # the optimizer's default, as used
     history = json.loads((run_dir / "rank_history.json").read_text())
     assert history["steps"] == list(range(9))
     # The peft export computes what the GeoLoRA adapter computes.
@@ -144,7 +145,7 @@ def test_config_file_flag_precedence_and_sentence_pairs(tiny_model_dir, tmp_path
     data.write_text("\n".join(json.dumps(row) for row in rows))
     config = tmp_path / "run.yaml"
     config.write_text(
-        "r: 3\nlr: 0.02\nepochs: 1\ntarget_modules: [query, value]\n"
+        "r: 3\nlr: 0.02\nepochs: 1\ntarget_modules: [query, value]\nfirst_moment_correction: yes\n"
         "text_column: first\ntext-pair-column: second\nlabel_column: y\n"
     )
     out = tmp_path / "cfg"
@@ -157,6 +158,7 @@ def test_config_file_flag_precedence_and_sentence_pairs(tiny_model_dir, tmp_path
     assert (options["adapter"]["r"], options["epochs"], options["lr"]) == (3, 1, 0.01)
     assert options["adapter"]["target_modules"] == ["query", "value"]
     assert options["text_pair_column"] == "second"
+    assert metrics["first_moment_correction"] is True  # the file's option reached the optimizer
     assert metrics["label_names"] == ["0", "1"] and metrics["train_examples"] == 29
     assert len(json.loads((out / "rank_report.json").read_text())["ranks"]) == 4
 

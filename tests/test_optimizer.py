@@ -244,6 +244,8 @@ def test_bad_optimizer_arguments(tiny_bert):
         GeoLoRAOptimizer(model, base_rule="lion")
     with pytest.raises(ValueError, match="lr > 0"):
         GeoLoRAOptimizer(model, lr=-1.0)
+    with pytest.raises(TypeError, match="first_moment_correction must be True or False"):
+        GeoLoRAOptimizer(model, first_moment_correction="no")  # a string would be truthy
 
 
 def test_sgd_with_large_lr_warns_about_adamw_on_the_head(tiny_bert):

@@ -61,7 +61,8 @@ def create_geolora_optimizer(
     ``weight_decay``, ``adam_beta1``, ``adam_beta2``, ``adam_epsilon``); the scheduler is
     ``transformers.get_scheduler(args.lr_scheduler_type)`` with ``args``' warmup and
     ``lr_scheduler_kwargs`` over ``num_training_steps`` optimizer steps (not micro-batches).
-    ``optimizer_kwargs`` go to GeoLoRAOptimizer (``base_rule``, ``momentum``, ``other_lr``).
+    ``optimizer_kwargs`` go to GeoLoRAOptimizer (``base_rule``, ``momentum``,
+    ``first_moment_correction``, ``other_lr``).
     """
     clash = sorted(set(optimizer_kwargs) & set(_FROM_ARGS))
     if clash:

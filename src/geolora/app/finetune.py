@@ -184,7 +184,11 @@ def finetune(
     rule = options.task_base_rule
     optimizer_options = {} if rule is None else {"base_rule": rule}
     optimizer = GeoLoRAOptimizer(
-        model, lr=options.peak_lr, weight_decay=options.weight_decay, **optimizer_options
+        model,
+        lr=options.peak_lr,
+        weight_decay=options.weight_decay,
+        first_moment_correction=options.first_moment_correction,
+        **optimizer_options,
     )
     per_epoch = steps_per_epoch(len(train), options.batch_size)
     total = per_epoch * options.epochs
@@ -262,6 +266,7 @@ def finetune(
         "geolora_version": __version__,
         "peak_lr": options.peak_lr,  # the lr used, also when options.lr is the task's default
         "base_rule": optimizer.param_groups[0]["base_rule"],  # likewise the rule used
+        "first_moment_correction": optimizer.param_groups[0]["first_moment_correction"],
         "options": options.to_dict(),
         "files": sorted([*files, "metrics.json"]),
     }

@@ -83,6 +83,13 @@ class FinetuneOptions:
             "docs/llm.md)"
         ),
     )
+    first_moment_correction: bool = field(
+        default=False,
+        metadata=_help(
+            "divide the factors' first moments by 1 - beta1^t (Adam's bias correction); off, "
+            "each adapter's step ramps up over its first steps (docs/algorithm.md §8)"
+        ),
+    )
     lr: float | None = field(
         default=None,
         metadata=_help(

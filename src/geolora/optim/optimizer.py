@@ -134,6 +134,10 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
                 "Need lr > 0, weight_decay >= 0 and 0 <= momentum < 1; "
                 f"got {lr}, {weight_decay}, {momentum}."
             )
+        if not isinstance(first_moment_correction, bool):
+            raise TypeError(
+                f"first_moment_correction must be True or False, got {first_moment_correction!r}."
+            )
         self.config = _find_config(model)
         self._layers = geolora_layers(model)
         if not self._layers:
