@@ -14,8 +14,9 @@ last hidden states (:mod:`planted`). Methods, each run once (seed 0):
   ``base_rule="riemannian_adam"`` (the default until then), the features rule with
   ``shrinkage=0.05``, and the default, the features rule and ``riemannian_adam`` under a 30-step
   linear lr warm-up (:func:`common.linear_warmup`), beside LoRA r = 16 under the same warm-up,
-  and the same three under ``geolora finetune``'s whole schedule (that warm-up, then a linear
-  decay to 0), beside LoRA r = 8 / 16 and AdaLoRA under that schedule;
+  and the same three, and the default with the first-moment correction, under
+  ``geolora finetune``'s whole schedule (that warm-up, then a linear decay to 0), beside
+  LoRA r = 8 / 16 and AdaLoRA under that schedule;
 * GeoLoRA at a fixed rank 16 (``freeze_ranks_after=0``, no shrinkage): the integrator and base
   rule without any rank decision, to tell a loss gap of the optimizer from one of the ranks;
 * an lr sweep (1e-3 / 2e-3 / 3e-3) under the warm-up: the features rule with its rank rule, with
@@ -96,7 +97,13 @@ def specs(
         ]
     decay = {**warm, "lr_decay": True}  # the schedule of `geolora finetune`
     sched = f"warm-up {warm['lr_warmup']} + decay"
-    for name, rule in (("", {}), (", features", {"base_rule": "riemannian_adam_features"}), scalar):
+    with_correction = (", M̂ corrected", corrected)
+    for name, rule in (
+        ("", {}),
+        (", features", {"base_rule": "riemannian_adam_features"}),
+        scalar,
+        with_correction,
+    ):
         rows += [
             (f"GeoLoRA r={r}{name}, {sched}", "geolora", {"r": r, **rule, **decay})
             for r in ((4,) if smoke else starts)
