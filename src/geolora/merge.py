@@ -22,6 +22,7 @@ from torch import nn
 from .layers import GeoLoRALayer
 from .model import geolora_layers
 from .model_methods import detach_model_methods
+from .submodules import replace_submodule
 
 __all__ = ["disable_adapter", "merge_adapter", "merge_and_unload", "unmerge_adapter"]
 
@@ -60,9 +61,7 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     """
     merge_adapter(model)
     for name, layer in geolora_layers(model).items():
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, layer.base_layer)
+        replace_submodule(model, name, layer.base_layer)
     for module in model.modules():
         if "geolora_config" in vars(module):
             del module.geolora_config

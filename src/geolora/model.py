@@ -11,6 +11,7 @@ from torch import nn
 from .config import GeoLoRAConfig
 from .layers import GeoLoRALayer, is_all_linear_candidate, is_factor, is_peft_layer, wrap_layer
 from .model_methods import attach_model_methods
+from .submodules import parent_and_child
 
 __all__ = [
     "adapter_param_count",
@@ -107,8 +108,7 @@ def get_geolora_model(model: nn.Module, config: GeoLoRAConfig) -> nn.Module:
     for param in model.parameters():
         param.requires_grad_(False)
     for name in targets:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
+        parent, child = parent_and_child(model, name)
         layer = wrap_layer(
             name,
             getattr(parent, child),

@@ -21,6 +21,7 @@ from .config import GeoLoRAConfig
 from .formats.peft import exact_targets, export_peft_lora
 from .layers import kind_of
 from .model import find_target_names, geolora_layers, get_geolora_model
+from .submodules import replace_submodule
 
 __all__ = ["export_peft_lora", "geolora_from_peft"]  # export: geolora.formats.peft
 
@@ -148,8 +149,7 @@ def geolora_from_peft(
         raise ValueError(f"The LoRA adapter has rank {top} > r_max={config.r_max}: raise r_max.")
     base = model.unload()
     for name, module in trained.items():  # peft >= 0.22's unload puts the original module back
-        parent_name, _, child = name.rpartition(".")
-        setattr(base.get_submodule(parent_name) if parent_name else base, child, module)
+        replace_submodule(base, name, module)
     config = config or _default_config(peft_config, base, factors, saved)
     targets = set(find_target_names(base, config))
     if targets != set(factors):

@@ -21,6 +21,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from .submodules import replace_submodule
+
 __all__ = ["dequantize_model", "dequantized_weight", "is_4bit", "quantize_linear_layers"]
 
 
@@ -98,8 +100,7 @@ def quantize_linear_layers(
         # bitsandbytes' CPU inference path repacks the weight and computes in bfloat16 (for
         # in_features divisible by 64): off, so that evaluation computes what training computed.
         layer.support_avx512bf16_for_cpu = False
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
+        replace_submodule(model, name, layer)
         chosen.append(name)
     _own_storage(model)
     return chosen
@@ -134,7 +135,6 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype = torch.float32) -> li
         if module.bias is not None:
             dense.bias.data.copy_(module.bias.data.to(dtype))
         dense.requires_grad_(False)
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, dense)
+        replace_submodule(model, name, dense)
         replaced.append(name)
     return replaced
