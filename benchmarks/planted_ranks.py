@@ -5,20 +5,23 @@ maps, the student the pretrained model with adapters on the same maps, fitted to
 last hidden states (:mod:`planted`). Methods, each run once (seed 0):
 
 * GeoLoRA from r = 1, 4, 16 with the library's defaults (optimizer and config), the same with
-  Adam's first-moment bias correction (``first_moment_correction=True``, the default until
-  2026-12-07: the first steps move at full size), and the same with ``truncation="global"``
-  (one τ over the singular values of all 36 maps);
+  Adam's first-moment bias correction set either way (``M̂ corrected``:
+  ``first_moment_correction=True``, the first steps move at full size; ``M̂ uncorrected``:
+  ``False``, each adapter's step ramps up; labels that keep meaning the same whatever the
+  default), and the same with ``truncation="global"`` (one τ over the singular values of all 36
+  maps);
 * the same from r = 1, 4, 16 with ``base_rule="riemannian_adam_rows"`` (each feature's step
   capped), with ``base_rule="riemannian_adam_features"`` (one second moment per feature; the
   default since 2026-12-07, so these rows repeat the default's under another cache key), with
   ``base_rule="riemannian_adam"`` (the default until then), the features rule with
   ``shrinkage=0.05``, and the default, the features rule and ``riemannian_adam`` under a 30-step
   linear lr warm-up (:func:`common.linear_warmup`), beside LoRA r = 16 under the same warm-up,
-  and the same three, and the default with the first-moment correction, under
+  and the same three, and the default with the first moment set either way, under
   ``geolora finetune``'s whole schedule (that warm-up, then a linear decay to 0), beside
   LoRA r = 8 / 16 and AdaLoRA under that schedule;
 * GeoLoRA at a fixed rank 16 (``freeze_ranks_after=0``, no shrinkage): the integrator and base
-  rule without any rank decision, to tell a loss gap of the optimizer from one of the ranks;
+  rule without any rank decision, to tell a loss gap of the optimizer from one of the ranks; the
+  same under the schedule, with the first moment set either way;
 * an lr sweep (1e-3 / 2e-3 / 3e-3) under the warm-up: the features rule with its rank rule, with
   an exact budget of the planted parameters and at a fixed rank 8, the default rule, and LoRA r=8;
 * peft LoRA r = 4 / 8 / 16 (``lora_alpha = 2r``, AdamW);
@@ -67,7 +70,9 @@ def specs(
     starts = (1, 16) if smoke else (1, 4, 16)
     rows = [(f"GeoLoRA r={r}", "geolora", {"r": r}) for r in starts]
     corrected = {"first_moment_correction": True}
-    rows += [(f"GeoLoRA r={r}, M̂ corrected", "geolora", {"r": r, **corrected}) for r in starts]
+    uncorrected = {"first_moment_correction": False}
+    for name, moment in ((", M̂ corrected", corrected), (", M̂ uncorrected", uncorrected)):
+        rows += [(f"GeoLoRA r={r}{name}", "geolora", {"r": r, **moment}) for r in starts]
     rows += [
         (f"GeoLoRA r={r}, global τ", "geolora", {"r": r, "truncation": "global"})
         for r in ((4,) if smoke else starts)
@@ -97,12 +102,12 @@ def specs(
         ]
     decay = {**warm, "lr_decay": True}  # the schedule of `geolora finetune`
     sched = f"warm-up {warm['lr_warmup']} + decay"
-    with_correction = (", M̂ corrected", corrected)
+    first_moment = ((", M̂ corrected", corrected), (", M̂ uncorrected", uncorrected))
     for name, rule in (
         ("", {}),
         (", features", {"base_rule": "riemannian_adam_features"}),
         scalar,
-        with_correction,
+        *first_moment,
     ):
         rows += [
             (f"GeoLoRA r={r}{name}, {sched}", "geolora", {"r": r, **rule, **decay})
@@ -110,6 +115,10 @@ def specs(
         ]
     fixed = {"r": 16, "freeze_ranks_after": 0, "shrinkage": 0.0}
     rows.append(("GeoLoRA fixed r=16", "geolora", fixed))
+    rows += [  # the first moment's effect under the schedule without any rank decision
+        (f"GeoLoRA fixed r=16{name}, {sched}", "geolora", {**fixed, **rule, **decay})
+        for name, rule in first_moment
+    ]
     rows += _lr_sweep(warm, budget_params, smoke)
     rows += [
         (f"LoRA r={r}", "lora", {"r": r, "lora_alpha": 2.0 * r, "lr": LORA_LR})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 import os
 import signal
@@ -12,6 +13,7 @@ import torch
 from conftest import tiny_bert_config
 from safetensors.torch import load_file
 
+from geolora import GeoLoRAOptimizer
 from geolora.app import cli
 from geolora.app.finetune import finetune
 
@@ -89,7 +91,8 @@ def test_finetune_writes_adapters_metrics_and_report(run_dir, tiny_model_dir, ca
     assert (metrics["train_examples"], metrics["eval_examples"], metrics["steps"]) == (26, 6, 8)
     assert metrics["label_names"] == ["neg", "pos"]
     assert 0.0 <= metrics["accuracy"] <= 1.0
-    assert metrics["first_moment_correction"] is False  # the optimizer's default, as used
+    fmc_default = inspect.signature(GeoLoRAOptimizer).parameters["first_moment_correction"].default
+    assert metrics["first_moment_correction"] is fmc_default  # the optimizer's default, as used
     history = json.loads((run_dir / "rank_history.json").read_text())
     assert history["steps"] == list(range(9))
     # The peft export computes what the GeoLoRA adapter computes.
@@ -359,6 +362,8 @@ def test_every_option_is_a_flag_a_config_key_and_documented():
         assert f"`{flag}" in docs or f", `{flag}`" in docs, flag
         assert spec.help, spec.name
     assert specs["tau"].default == GeoLoRAConfig.tau  # no second default for the same option
+    optimizer_default = inspect.signature(GeoLoRAOptimizer).parameters["first_moment_correction"]
+    assert specs["first_moment_correction"].default is optimizer_default.default  # likewise
     tasks = ("classification", "causal-lm")
     defaults = {task: FinetuneOptions(task=task).peak_lr for task in tasks}
     assert defaults == {"classification": 1e-3, "causal-lm": 3e-4}  # the task picks the default

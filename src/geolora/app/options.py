@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
 import types
 import typing
 from collections.abc import Callable
@@ -20,6 +21,7 @@ from typing import Any, Literal
 
 from ..config import GeoLoRAConfig
 from ..optim import base_rules
+from ..optim.optimizer import GeoLoRAOptimizer
 
 __all__ = ["RUNTIME_OPTIONS", "TASKS", "FinetuneOptions", "OptionSpec", "option_specs"]
 
@@ -84,7 +86,7 @@ class FinetuneOptions:
         ),
     )
     first_moment_correction: bool = field(
-        default=False,
+        default=inspect.signature(GeoLoRAOptimizer).parameters["first_moment_correction"].default,
         metadata=_help(
             "divide the factors' first moments by 1 - beta1^t (Adam's bias correction); off, "
             "each adapter's step ramps up over its first steps (docs/algorithm.md §8)"
