@@ -17,6 +17,9 @@ from geolora import GeoLoRAOptimizer
 from geolora.app import cli
 from geolora.app.finetune import finetune
 
+FMC_DEFAULT = inspect.signature(GeoLoRAOptimizer).parameters["first_moment_correction"].default
+"""GeoLoRAOptimizer's own default, which the CLI must take over."""
+
 WORDS = [
     *("the", "a", "movie", "film", "was", "is", "very", "not", "plot"),
     *("good", "great", "fun", "bad", "awful", "boring"),
@@ -91,8 +94,7 @@ def test_finetune_writes_adapters_metrics_and_report(run_dir, tiny_model_dir, ca
     assert (metrics["train_examples"], metrics["eval_examples"], metrics["steps"]) == (26, 6, 8)
     assert metrics["label_names"] == ["neg", "pos"]
     assert 0.0 <= metrics["accuracy"] <= 1.0
-    fmc_default = inspect.signature(GeoLoRAOptimizer).parameters["first_moment_correction"].default
-    assert metrics["first_moment_correction"] is fmc_default  # the optimizer's default, as used
+    assert metrics["first_moment_correction"] is FMC_DEFAULT  # the optimizer's default, as used
     history = json.loads((run_dir / "rank_history.json").read_text())
     assert history["steps"] == list(range(9))
     # The peft export computes what the GeoLoRA adapter computes.
@@ -148,7 +150,8 @@ def test_config_file_flag_precedence_and_sentence_pairs(tiny_model_dir, tmp_path
     data.write_text("\n".join(json.dumps(row) for row in rows))
     config = tmp_path / "run.yaml"
     config.write_text(
-        "r: 3\nlr: 0.02\nepochs: 1\ntarget_modules: [query, value]\nfirst_moment_correction: yes\n"
+        "r: 3\nlr: 0.02\nepochs: 1\ntarget_modules: [query, value]\n"
+        f"first_moment_correction: {'no' if FMC_DEFAULT else 'yes'}\n"  # not the default
         "text_column: first\ntext-pair-column: second\nlabel_column: y\n"
     )
     out = tmp_path / "cfg"
@@ -161,7 +164,7 @@ def test_config_file_flag_precedence_and_sentence_pairs(tiny_model_dir, tmp_path
     assert (options["adapter"]["r"], options["epochs"], options["lr"]) == (3, 1, 0.01)
     assert options["adapter"]["target_modules"] == ["query", "value"]
     assert options["text_pair_column"] == "second"
-    assert metrics["first_moment_correction"] is True  # the file's option reached the optimizer
+    assert metrics["first_moment_correction"] is not FMC_DEFAULT  # the file's value was used
     assert metrics["label_names"] == ["0", "1"] and metrics["train_examples"] == 29
     assert len(json.loads((out / "rank_report.json").read_text())["ranks"]) == 4
 
@@ -362,8 +365,7 @@ def test_every_option_is_a_flag_a_config_key_and_documented():
         assert f"`{flag}" in docs or f", `{flag}`" in docs, flag
         assert spec.help, spec.name
     assert specs["tau"].default == GeoLoRAConfig.tau  # no second default for the same option
-    optimizer_default = inspect.signature(GeoLoRAOptimizer).parameters["first_moment_correction"]
-    assert specs["first_moment_correction"].default is optimizer_default.default  # likewise
+    assert specs["first_moment_correction"].default is FMC_DEFAULT  # likewise
     tasks = ("classification", "causal-lm")
     defaults = {task: FinetuneOptions(task=task).peak_lr for task in tasks}
     assert defaults == {"classification": 1e-3, "causal-lm": 3e-4}  # the task picks the default
