@@ -38,8 +38,9 @@ def _add_option(parser: argparse.ArgumentParser, spec: OptionSpec) -> None:
         on = not spec.default
         flag = spec.flag if on else "--no-" + spec.flag[2:]
         action = "store_true" if on else "store_false"
+        shown = spec.help if on else f"turns off (on by default): {spec.help}"
         parser.add_argument(
-            flag, dest=spec.name, action=action, default=argparse.SUPPRESS, help=spec.help
+            flag, dest=spec.name, action=action, default=argparse.SUPPRESS, help=shown
         )
         return
     default = spec.default

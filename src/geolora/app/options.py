@@ -89,7 +89,8 @@ class FinetuneOptions:
         default=inspect.signature(GeoLoRAOptimizer).parameters["first_moment_correction"].default,
         metadata=_help(
             "divide the factors' first moments by 1 - beta1^t (Adam's bias correction); off, "
-            "each adapter's step ramps up over its first steps (docs/algorithm.md §8)"
+            "each adapter's step ramps up over its first steps, which fits worse under this "
+            "command's lr schedule (docs/algorithm.md §8)"
         ),
     )
     lr: float | None = field(

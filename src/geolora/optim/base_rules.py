@@ -42,8 +42,8 @@ One small class per rule, registered in :data:`BASE_RULES`:
 * ``sgd``: ``D = G``, or with momentum ``μ``: ``B ← μ B + G``, ``D = B`` (the paper's form).
 
 ``t`` is the adapter's own step count. The Adam-type rules divide the second moment by
-``1 − β₂ᵗ`` (``q̂``, ``Q̂``); ``M̂`` is the first moment as it is (the optimizer's default
-``first_moment_correction=False``) or, with Adam's correction, ``M / (1 − β₁ᵗ)``. Uncorrected,
+``1 − β₂ᵗ`` (``q̂``, ``Q̂``); ``M̂`` is, with Adam's correction (the optimizer's default
+``first_moment_correction=True``), ``M / (1 − β₁ᵗ)``, or the first moment as it is. Uncorrected,
 a constant gradient moves an adapter by ``(1 − β₁ᵗ) λ``: 0.1 λ at its first step, 0.65 λ at the
 tenth. At ``S = 0`` the first steps alone make the singular values, and with the correction the
 first one, a single noisy gradient, set every direction of the doubled basis at full size, which

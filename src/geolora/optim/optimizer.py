@@ -109,10 +109,11 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
         betas, eps: Adam constants (also for the AdamW step of the other parameters).
         momentum: heavy-ball momentum for ``base_rule="sgd"``.
         first_moment_correction: divide the adapters' first moments by ``1 − β₁ᵗ`` (Adam's bias
-            correction). ``False`` (default) uses ``M`` as it is, so that each adapter's step
-            ramps up over its first steps (``(1 − β₁ᵗ) λ`` for a constant gradient: 0.1 λ at
-            ``t = 1``, 0.65 λ at ``t = 10``) and the first gradients, taken at ``S = 0``, do not
-            decide the ranks alone (docs/algorithm.md §8). Rules without first moments ignore it.
+            correction; default ``True``). ``False`` uses ``M`` as it is, so that each adapter's
+            step ramps up over its first steps (``(1 − β₁ᵗ) λ`` for a constant gradient: 0.1 λ
+            at ``t = 1``, 0.65 λ at ``t = 10``): at a constant lr this makes the ranks depend
+            less on the initial rank, but under any lr schedule it fits worse
+            (docs/algorithm.md §8). Rules without first moments ignore it.
         other_lr: learning rate of the non-adapter parameters, if different.
     """
 
@@ -125,7 +126,7 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
         momentum: float = 0.0,
-        first_moment_correction: bool = False,
+        first_moment_correction: bool = True,
         other_lr: float | None = None,
     ) -> None:
         base_rules.get_base_rule(base_rule)
