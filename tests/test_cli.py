@@ -377,3 +377,25 @@ def test_every_option_is_a_flag_a_config_key_and_documented():
         FinetuneOptions(base_rule="lion")  # checked against the base rules' registry
     options = FinetuneOptions.from_dict({"r-max": 16, "lr": 0.01, "threads": 1, "quiet": True})
     assert options.adapter == {"r_max": 16} and options.adapter_config("all-linear").r_max == 16
+
+
+def test_switches_that_are_on_by_default_turn_off_and_say_so(capsys):
+    """A switch whose default is on is offered as ``--no-…``: it turns the option off, and its
+    help says that the option is on by default (not the option's own description alone, which
+    would read as if the flag turned it on)."""
+    from geolora.app.options import option_specs
+
+    on = [spec for spec in option_specs() if spec.is_switch and spec.default]
+    assert {spec.name for spec in on} >= {"chat_template", "first_moment_correction"}
+    parser = cli.build_parser()
+    for spec in on:
+        flag = "--no-" + spec.flag[2:]
+        options, _ = cli._finetune_options(parser.parse_args(["finetune", flag]))
+        assert getattr(options, spec.name) is False, flag
+        options, _ = cli._finetune_options(parser.parse_args(["finetune"]))
+        assert getattr(options, spec.name) is True, spec.name
+    with pytest.raises(SystemExit):
+        parser.parse_args(["finetune", "--help"])
+    shown = " ".join(capsys.readouterr().out.split())  # argparse wraps the help text
+    for spec in on:
+        assert f"--no-{spec.flag[2:]} turns off (on by default): " in shown, spec.name
