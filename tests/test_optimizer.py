@@ -206,6 +206,20 @@ def test_first_step_without_first_moment_correction_is_a_tenth(base_rule):
     torch.testing.assert_close(state_r["K"], state_c["K"], rtol=1e-9, atol=1e-12)
 
 
+def test_default_first_moment_is_adams_corrected_form():
+    """The default applies Adam's bias correction (under any lr schedule it fits better than the
+    uncorrected ramp, docs/algorithm.md §8): its first step equals the explicitly corrected one."""
+    deltas = []
+    for kwargs in ({}, {"first_moment_correction": True}):
+        torch.manual_seed(0)
+        net, target, _, _ = regression(8, r0=4, dtype=torch.float64, seed=5)
+        opt = GeoLoRAOptimizer(net, lr=0.05, **kwargs)
+        regression_step(net, target, opt, torch.Generator().manual_seed(11))
+        assert opt.param_groups[0]["first_moment_correction"] is True
+        deltas.append(net[0].delta_weight())
+    torch.testing.assert_close(deltas[0], deltas[1], rtol=0, atol=0)
+
+
 def test_optimizer_state_of_other_ranks_refused():
     net, target, _, gen = regression(8, r0=1)
     opt = GeoLoRAOptimizer(net, lr=0.5, base_rule="sgd", momentum=0.5)
