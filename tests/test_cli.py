@@ -361,7 +361,7 @@ def test_every_option_is_a_flag_a_config_key_and_documented():
     run = {f.name for f in dataclasses.fields(FinetuneOptions)} - {"adapter"}
     assert set(specs) == adapter | run
     for spec in specs.values():
-        flag = spec.flag if not (spec.is_switch and spec.default) else "--no-" + spec.flag[2:]
+        flag = spec.command_line_flag
         assert f"`{flag}" in docs or f", `{flag}`" in docs, flag
         assert spec.help, spec.name
     assert specs["tau"].default == GeoLoRAConfig.tau  # no second default for the same option
@@ -385,17 +385,16 @@ def test_switches_that_are_on_by_default_turn_off_and_say_so(capsys):
     would read as if the flag turned it on)."""
     from geolora.app.options import option_specs
 
-    on = [spec for spec in option_specs() if spec.is_switch and spec.default]
+    on = [spec for spec in option_specs() if spec.switched_on]
     assert {spec.name for spec in on} >= {"chat_template", "first_moment_correction"}
     parser = cli.build_parser()
+    defaults, _ = cli._finetune_options(parser.parse_args(["finetune"]))
     for spec in on:
-        flag = "--no-" + spec.flag[2:]
-        options, _ = cli._finetune_options(parser.parse_args(["finetune", flag]))
-        assert getattr(options, spec.name) is False, flag
-        options, _ = cli._finetune_options(parser.parse_args(["finetune"]))
-        assert getattr(options, spec.name) is True, spec.name
+        assert spec.command_line_flag == "--no-" + spec.name.replace("_", "-")
+        options, _ = cli._finetune_options(parser.parse_args(["finetune", spec.command_line_flag]))
+        assert getattr(options, spec.name) is False and getattr(defaults, spec.name) is True
     with pytest.raises(SystemExit):
         parser.parse_args(["finetune", "--help"])
     shown = " ".join(capsys.readouterr().out.split())  # argparse wraps the help text
     for spec in on:
-        assert f"--no-{spec.flag[2:]} turns off (on by default): " in shown, spec.name
+        assert f"{spec.command_line_flag} turns off (on by default): " in shown, spec.name

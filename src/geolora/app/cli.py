@@ -35,12 +35,15 @@ class _Parser(argparse.ArgumentParser):
 
 def _add_option(parser: argparse.ArgumentParser, spec: OptionSpec) -> None:
     if spec.is_switch:
-        on = not spec.default
-        flag = spec.flag if on else "--no-" + spec.flag[2:]
-        action = "store_true" if on else "store_false"
-        shown = spec.help if on else f"turns off (on by default): {spec.help}"
+        off = spec.switched_on
+        action = "store_false" if off else "store_true"
+        shown = f"turns off (on by default): {spec.help}" if off else spec.help
         parser.add_argument(
-            flag, dest=spec.name, action=action, default=argparse.SUPPRESS, help=shown
+            spec.command_line_flag,
+            dest=spec.name,
+            action=action,
+            default=argparse.SUPPRESS,
+            help=shown,
         )
         return
     default = spec.default

@@ -263,6 +263,17 @@ class OptionSpec:
     def is_switch(self) -> bool:
         return self.parse is _boolean
 
+    @property
+    def switched_on(self) -> bool:
+        """A switch whose default is on: the command line offers ``--no-<name>`` to turn it off."""
+        return self.is_switch and bool(self.default)
+
+    @property
+    def command_line_flag(self) -> str:
+        """The flag ``geolora finetune`` takes: :attr:`flag`, or ``--no-…`` for a switch that
+        is on by default."""
+        return "--no-" + self.flag[2:] if self.switched_on else self.flag
+
     def convert(self, value: Any) -> Any:
         """A config-file value as the option's type (text values parsed like flags)."""
         if value is None or (isinstance(value, list) and self.parse in (_names, _targets)):
