@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 from torch.nn import functional as F
 
 from geolora import GeoLoRAConfig, get_geolora_model, rank_report
+from geolora.autograd import column_major, thin_weight_grad
 from geolora.layers import GeoLoRAConv1D, GeoLoRAConv2d, GeoLoRALinear
 
 
@@ -53,6 +56,28 @@ def _dense_weight_grad(layer, x, dy):
     w = (w0 + layer.delta_weight().detach()).requires_grad_()
     (F.linear(x, w) * dy).sum().backward()
     return w.grad
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    lead=st.lists(st.integers(1, 5), min_size=1, max_size=3),
+    k=st.integers(1, 12),
+    r=st.integers(1, 6),
+    width=st.integers(0, 4),
+)
+def test_blas_layouts_keep_the_products(lead, k, r, width):
+    """The adapter's matmuls use the layouts CPU BLAS multiplies fastest: ``column_major`` is the
+    same matrix with contiguous columns (also for a slice of a wider factor), and
+    ``thin_weight_grad`` is ``Xᵀ G`` summed over all leading dimensions."""
+    gen = torch.Generator().manual_seed(k * 100 + r)
+    factor = torch.randn(k, r + width, dtype=torch.float64, generator=gen)[:, :r]
+    moved = column_major(factor)
+    assert torch.equal(moved, factor)
+    assert moved.t().is_contiguous()  # each column contiguous
+    x = torch.randn(*lead, k, dtype=torch.float64, generator=gen)
+    g = torch.randn(*lead, r, dtype=torch.float64, generator=gen)
+    expected = torch.einsum("...k,...r->kr", x, g)
+    assert torch.allclose(thin_weight_grad(x, g), expected, atol=1e-12)
 
 
 @pytest.mark.parametrize("kind", ["linear", "conv2d"])

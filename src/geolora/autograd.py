@@ -30,7 +30,25 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
-__all__ = ["Projection", "adapter_delta", "effective_weight"]
+__all__ = ["Projection", "adapter_delta", "column_major", "effective_weight", "thin_weight_grad"]
+
+
+def column_major(thin: Tensor) -> Tensor:
+    """``thin`` (k × r) as a column-major copy (a transposed view of a contiguous r × k).
+
+    CPU BLAS multiplies a tall ``T × k`` matrix by a thin ``k × r`` one 2–3× faster when the thin
+    one is column-major (each of its ``r`` columns contiguous) than when it is a row-major slice
+    of the ``r_max``-wide factor (640 × 384 by 384 × 8: 115 µs against 285 µs on one core), and
+    the copy costs 4 µs. The same holds for the weight gradients ``Xᵀ G`` (``X``: T × k, ``G``:
+    T × r), which :func:`thin_weight_grad` forms as ``(Gᵀ X)ᵀ``."""
+    return thin.t().contiguous().t()
+
+
+def thin_weight_grad(x: Tensor, g: Tensor) -> Tensor:
+    """``Xᵀ G`` (k × r) for ``X`` (…, k) and ``G`` (…, r), all leading dimensions summed, formed
+    as ``(Gᵀ X)ᵀ``: the same product, 3–4× faster on CPU BLAS for a thin ``G`` (see
+    :func:`column_major`)."""
+    return (g.reshape(-1, g.shape[-1]).t() @ x.reshape(-1, x.shape[-1])).t()
 
 
 class Projection(Protocol):
@@ -71,12 +89,11 @@ class _AdapterFunction(torch.autograd.Function):
         scale, projection = ctx.scale, ctx.projection
         grad_k = grad_s = grad_l = grad_x = None
         with _no_autocast(dy.device.type):
-            dy_u = dy @ u
-            h_flat = h.reshape(-1, h.shape[-1])
+            dy_u = dy @ column_major(u)
             if ctx.needs_input_grad[1]:
-                grad_k = dy.reshape(-1, dy.shape[-1]).t() @ h_flat * scale
+                grad_k = thin_weight_grad(dy, h) * scale
             if ctx.needs_input_grad[2]:
-                grad_s = dy_u.reshape(-1, dy_u.shape[-1]).t() @ h_flat * scale
+                grad_s = dy_u.reshape(-1, dy_u.shape[-1]).t() @ h.reshape(-1, h.shape[-1]) * scale
             if ctx.needs_input_grad[3]:
                 grad_l = projection.weight_grad(x, dy_u, v) * scale
             if ctx.needs_input_grad[0]:
@@ -106,10 +123,10 @@ class _EffectiveWeight(torch.autograd.Function):
         scale = ctx.scale
         with _no_autocast(grad_w.device.type):
             g = grad_w.to(u.dtype)
-            g_v = g @ v
+            g_v = g @ column_major(v)
             grad_k = g_v * scale if ctx.needs_input_grad[1] else None
             grad_s = u.t() @ g_v * scale if ctx.needs_input_grad[2] else None
-            grad_l = g.t() @ u * scale if ctx.needs_input_grad[3] else None
+            grad_l = g.t() @ column_major(u) * scale if ctx.needs_input_grad[3] else None
         grad_w0 = grad_w if ctx.needs_input_grad[0] else None
         return grad_w0, grad_k, grad_s, grad_l, None
 

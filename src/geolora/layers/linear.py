@@ -11,19 +11,22 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from ..autograd import column_major, thin_weight_grad
 from .base import GeoLoRALayer
 
 __all__ = ["GeoLoRAConv1D", "GeoLoRALinear", "LinearProjection", "is_transformers_conv1d"]
 
 
 class LinearProjection:
-    """``down(x; V) = x V`` (channels last already)."""
+    """``down(x; V) = x V`` (channels last already), with ``V`` column-major and ``xᵀ g`` formed
+    as ``(gᵀ x)ᵀ``: the layouts CPU BLAS multiplies fastest (:func:`geolora.autograd.column_major`).
+    """
 
     def down(self, x: Tensor, v: Tensor) -> Tensor:
-        return x @ v
+        return x @ column_major(v)
 
     def weight_grad(self, x: Tensor, g: Tensor, v: Tensor) -> Tensor:
-        return x.reshape(-1, x.shape[-1]).t() @ g.reshape(-1, g.shape[-1])
+        return thin_weight_grad(x, g)
 
     def input_grad(self, x: Tensor, g: Tensor, v: Tensor) -> Tensor:
         return g @ v.t()
