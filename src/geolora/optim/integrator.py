@@ -46,7 +46,6 @@ __all__ = [
     "augmented_coefficients",
     "coordinate_change",
     "shrink_singular_values",
-    "spectral_norm",
 ]
 
 
@@ -104,22 +103,18 @@ def augmented_coefficients(
     return torch.cat([top, bottom], dim=-2)
 
 
-def shrink_singular_values(sigma: Tensor, step_norm: Tensor, shrinkage: float) -> Tensor:
+def shrink_singular_values(sigma: Tensor, step: Tensor, shrinkage: float) -> Tensor:
     """Soft threshold ``σ ← max(σ − μ‖ΔŜ‖₂, 0)`` of the singular values ``sigma`` (…, k) of
-    ``Ŝ``, with ``step_norm`` (…,) = ``‖ΔŜ‖₂`` (:func:`spectral_norm`) of ``ΔŜ``, the step's own
-    part of ``Ŝ`` (``augmented_coefficients`` of ``−λ D_S``), and ``μ`` = ``shrinkage``.
+    ``Ŝ``, with ``ΔŜ`` = ``step`` (…, a, b) the step's own part of ``Ŝ`` (``augmented_coefficients``
+    of ``−λ D_S``) and ``μ`` = ``shrinkage``.
 
     A triplet the gradient keeps feeding gains about its share of ``‖ΔŜ‖₂`` per step and loses
     ``μ‖ΔŜ‖₂``, so it survives while its share exceeds ``μ``; one fed by noise alone random-walks
     and is pulled to zero. Since the threshold is measured in units of the step, it is invariant
     to the learning rate, the gradient's scale and the base rule, and vanishes as the step does.
     """
-    return (sigma - shrinkage * step_norm.unsqueeze(-1)).clamp(min=0)
-
-
-def spectral_norm(matrix: Tensor) -> Tensor:
-    """``‖matrix‖₂`` (…,): the largest singular value of each matrix (…, a, b)."""
-    return torch.linalg.matrix_norm(matrix, ord=2)
+    theta = shrinkage * torch.linalg.matrix_norm(step, ord=2)
+    return (sigma - theta.unsqueeze(-1)).clamp(min=0)
 
 
 def coordinate_change(r11: Tensor, kept: Tensor) -> Tensor:

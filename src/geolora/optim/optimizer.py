@@ -39,7 +39,6 @@ from . import base_rules, integrator, rank_rules
 from .base_rules import MOMENT_KEYS, SCALAR_KEYS, split_block
 from .buckets import plan_buckets
 from .guard import refuse_plain_optimizer
-from .side_by_side import side_by_side
 from .stacking import copy_whole, set_stacked_factors, write_leading
 
 __all__ = ["GeoLoRAOptimizer"]
@@ -74,17 +73,15 @@ def _one_cpu_thread(device: torch.device):
     """Run the geometric step with one intra-op thread on CPU. Its QRs (n × 2r), SVDs (2r × 2r)
     and products are too small for threads to help; on a loaded CPU the threads wait on each
     other, which made the step of 12 MiniLM adapters up to 200× slower at 2 threads (7 s against
-    36 ms; on a quiet machine the two are equal, see docs/benchmarks.md). Yields whether the step
-    may use a second thread of its own for its independent pairs (:mod:`geolora.optim.
-    side_by_side`): on CPU where torch was allowed more than one thread. GPU steps are untouched.
-    """
+    36 ms; on a quiet machine the two are equal, see docs/benchmarks.md). GPU steps are
+    untouched."""
     threads = torch.get_num_threads()
     if device.type != "cpu" or threads == 1:
-        yield False
+        yield
         return
     torch.set_num_threads(1)
     try:
-        yield True
+        yield
     finally:
         torch.set_num_threads(threads)
 
@@ -181,8 +178,8 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
         self._check_finite()
         for group in self.param_groups:
             if group["geolora"]:
-                with _one_cpu_thread(group["params"][0].device) as parallel:
-                    self._geometric_step(group, parallel)
+                with _one_cpu_thread(group["params"][0].device):
+                    self._geometric_step(group)
             else:
                 self._adamw_step(group)
         return loss
@@ -264,15 +261,14 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
             state.update(rule.init_state(n, m, layer.r_max, _hyper(group), layer.U))
         return state
 
-    def _geometric_step(self, group: dict, parallel: bool) -> None:
+    def _geometric_step(self, group: dict) -> None:
         """Step every adapter with a gradient, in the buckets of
-        :func:`geolora.optim.buckets.plan_buckets`, each stepped as one batch (``parallel``: see
-        :meth:`_augment`)."""
+        :func:`geolora.optim.buckets.plan_buckets`, each stepped as one batch."""
         planned = plan_buckets(list(self._layers.values()))
         if not planned:
             self._warn_no_adapter_gradient()
             return
-        buckets = [self._augment(layers, group, parallel) for layers in planned]
+        buckets = [self._augment(layers, group) for layers in planned]
         new_ranks = self._choose_ranks(buckets, group["steps"])
         for bucket, ranks_b in zip(buckets, new_ranks):
             self._truncate(bucket, ranks_b, group)
@@ -291,12 +287,11 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
             stacklevel=3,
         )
 
-    def _augment(self, layers: list[GeoLoRALayer], group: dict, parallel: bool) -> _Bucket:
+    def _augment(self, layers: list[GeoLoRALayer], group: dict) -> _Bucket:
         """Base-rule directions, ``S₁ = (1 − λ·wd) S − λ D_S``, both augmentations, ``Ŝ``, its
         SVD and the shrunk singular values for the adapters of one bucket at once. Factors,
         gradients and moments are stacked as blocks (see :mod:`geolora.optim.base_rules`): one copy
-        each for the whole bucket. ``parallel``: run the independent pairs (the two QRs; the SVD and
-        the shrinkage's norm) on two threads (:mod:`geolora.optim.side_by_side`)."""
+        each for the whole bucket."""
         lr, decay = group["lr"], 1 - group["lr"] * group["weight_decay"]
         n, m = layers[0].out_features, layers[0].in_features
         r_max, r_min = layers[0].U.shape[1], min(layers[0].r_min, layers[0].r_max)
@@ -319,24 +314,16 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
         moments, d = rule.directions(moments, grad, torch.stack(steps), hyper, active)
         u, v, s = split_block(_stack_blocks([t for la in layers for t in _factors(la)], r), n, m)
         d_k, d_l, d_s = split_block(d, n, m)
-        u_aug, v_aug = side_by_side(
-            lambda: integrator.augment_basis(u, d_k, padded),
-            lambda: integrator.augment_basis(v, d_l, padded),
-            parallel,
-        )
+        u_aug = integrator.augment_basis(u, d_k, padded)
+        v_aug = integrator.augment_basis(v, d_l, padded)
         s_hat = integrator.augmented_coefficients(decay * s - lr * d_s, u_aug, v_aug, lr)
-        shrinkage = self.config.shrinkage
-        step = integrator.augmented_coefficients(-lr * d_s, u_aug, v_aug, lr) if shrinkage else None
-        (p, sigma, qh), step_norm = side_by_side(
-            lambda: torch.linalg.svd(s_hat, full_matrices=False),
-            lambda: None if step is None else integrator.spectral_norm(step),
-            parallel and step is not None,
-        )
+        p, sigma, qh = torch.linalg.svd(s_hat, full_matrices=False)
         # the padding's zero σ may come out as rounding: at most rᵢ + min(rᵢ, n − rᵢ, m − rᵢ)
         own = active + torch.minimum(active, torch.minimum(n - active, m - active))
         available = torch.minimum((sigma > 0).sum(-1), own)
-        if step_norm is not None:
-            sigma = integrator.shrink_singular_values(sigma, step_norm, shrinkage)
+        if self.config.shrinkage > 0:
+            step = integrator.augmented_coefficients(-lr * d_s, u_aug, v_aug, lr)
+            sigma = integrator.shrink_singular_values(sigma, step, self.config.shrinkage)
         return _Bucket(
             layers, states, r_max, r_min, moments, active, u_aug, v_aug, p, sigma, qh, available
         )
